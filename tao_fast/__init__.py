@@ -1,2 +1,21 @@
-"""tao-fast: Test-time Adaptive Optimization, fast."""
+"""tao-fast: Test-time Adaptive Optimization, fast.
+
+    import tao_fast
+    result = tao_fast.tune("tune.yaml")           # or a TaoConfig
+    ev = tao_fast.evaluate(result.checkpoint, prompts, "arithmetic", max_tokens=64)
+"""
 __version__ = "0.1.0"
+__all__ = ["tune", "evaluate", "load_config", "TaoConfig", "__version__"]
+
+
+def __getattr__(name):  # lazy: `import tao_fast` stays cheap (no torch) for sandbox workers
+    if name == "tune":
+        from tao_fast.tune import tune
+        return tune
+    if name == "evaluate":
+        from tao_fast.eval import evaluate
+        return evaluate
+    if name in ("load_config", "TaoConfig"):
+        from tao_fast import config
+        return getattr(config, name)
+    raise AttributeError(f"module 'tao_fast' has no attribute {name!r}")

@@ -1,1 +1,53 @@
-"""rollout."""
+"""Rollout engines: the Engine protocol, sampling parameters and what a generation returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol, Sequence
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1  # candidates per prompt
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    max_tokens: int = 64
+    stop_token_ids: tuple[int, ...] = ()  # in addition to the tokenizer's EOS
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+
+@dataclass
+class Rollouts:
+    """Candidates of P prompts, N each. Lists are indexed [prompt][candidate]."""
+    prompt_ids: list[list[int]]  # [P][prompt_len]
+    token_ids: list[list[list[int]]]  # [P][N][response_len]
+    texts: list[list[str]]  # [P][N]
+    logprobs: list[list[list[float]]]  # [P][N][response_len], after temperature/top-p
+    finish_reasons: list[list[str]]  # [P][N]: "stop" or "length"
+    stats: dict = field(default_factory=dict)  # tokens, seconds, tokens_per_s
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(t) for group in self.token_ids for t in group)
+
+
+class Engine(Protocol):
+    def generate(self, prompts: Sequence[list[int]], sampling: SamplingParams,
+                 progress: bool = False) -> Rollouts: ...
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+
+    def sleep(self) -> None: ...
+
+    def wake(self) -> None: ...

@@ -1,0 +1,280 @@
+"""Every knob of a run, as dataclasses. Loaded from a YAML or TOML file plus `section.key=value`
+overrides; an unknown key or a bad value is an error that names the key."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad key or value; the message names it (and the file, when there is one)."""
+
+
+def _check(cond: bool, key: str, msg: str):
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _one_of(value, choices, key):
+    _check(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    path: str = "embedded:smollm2-135m-instruct"  # embedded[:name], HF safetensors dir, or .gguf
+    dtype: str = "float32"  # learner's master weights
+    ops_backend: str = "auto"  # tao_fast.ops backend for the learner: auto | triton | torch
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        _one_of(self.dtype, ("float32", "bfloat16"), "model.dtype")
+        _one_of(self.ops_backend, ("auto", "triton", "torch"), "model.ops_backend")
+
+
+@dataclass
+class DataConfig:
+    train: str = "builtin:arithmetic"  # builtin:arithmetic or a JSONL file of prompts
+    eval: str = ""  # JSONL of held-out prompts; "" = the builtin task's held-out split, or none
+    n_train: int = 1024  # builtin task: training prompts
+    n_eval: int = 200  # builtin task: held-out prompts (seeds disjoint from training)
+    ops: str = "+"  # builtin task: operators, e.g. "+-"
+    digits: int = 2
+    words: float = 0.0  # builtin task: fraction of questions written in words
+    system_prompt: str = ""  # "" = the chat template's default
+
+    def __post_init__(self):
+        _check(self.n_train >= 1, "data.n_train", f"must be >= 1, got {self.n_train}")
+        _check(self.n_eval >= 0, "data.n_eval", f"must be >= 0, got {self.n_eval}")
+        _check(0.0 <= self.words <= 1.0, "data.words", f"must be in [0, 1], got {self.words}")
+        _check(1 <= self.digits <= 3, "data.digits", f"must be 1..3, got {self.digits}")
+        _check(bool(self.ops) and not set(self.ops) - set("+-"), "data.ops",
+               f"must be made of '+' and '-', got {self.ops!r}")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "auto"  # auto (vllm when importable, else torch) | torch | vllm
+    n: int = 8  # candidates per prompt: the tuning-compute knob
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 64
+    strategy: str = "plain"  # plain | cot | structured (how the prompt asks for the answer)
+    dtype: str = "float32"  # sampler weights; bfloat16 halves CPU matmul time
+    max_batch_rows: int = 256  # torch engine: sequences decoded together
+
+    def __post_init__(self):
+        _one_of(self.engine, ("auto", "torch", "vllm"), "rollout.engine")
+        _check(self.n >= 1, "rollout.n", f"must be >= 1, got {self.n}")
+        _check(self.temperature >= 0, "rollout.temperature", f"must be >= 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(self.max_tokens >= 1, "rollout.max_tokens", f"must be >= 1, got {self.max_tokens}")
+        _one_of(self.strategy, ("plain", "cot", "structured"), "rollout.strategy")
+        _one_of(self.dtype, ("float32", "bfloat16"), "rollout.dtype")
+        _check(self.max_batch_rows >= 1, "rollout.max_batch_rows", "must be >= 1")
+
+
+@dataclass
+class ScoringConfig:
+    scorer: str = "arithmetic"  # arithmetic | random | python:module:function
+    failure_value: float = 0.0  # reward of a candidate whose scoring failed
+    timeout_s: float = 60.0  # sandboxed user functions: wall-clock limit per batch
+    memory_mb: int = 2048  # sandboxed user functions: address-space limit
+
+    def __post_init__(self):
+        _check(bool(self.scorer), "scoring.scorer", "must not be empty")
+        _check(self.timeout_s > 0, "scoring.timeout_s", "must be > 0")
+        _check(self.memory_mb >= 64, "scoring.memory_mb", "must be >= 64")
+
+
+@dataclass
+class RLConfig:
+    algorithm: str = "grpo"  # grpo (std-normalised) | dr-grpo (no std, token-sum) | rloo
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    kl_coef: float = 0.0  # > 0 keeps a frozen reference model
+    kl_estimator: str = "k3"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    tis_cap: float = 2.0  # truncated importance weight cap (sampler vs learner log-probs)
+    prompts_per_step: int = 8
+    micro_batch_tokens: int = 4096  # token budget of one forward/backward
+    std_normalize: bool = True  # GRPO divides advantages by the group's std; Dr.GRPO doesn't
+
+    def __post_init__(self):
+        _one_of(self.algorithm, ("grpo", "dr-grpo", "rloo"), "rl.algorithm")
+        _check(self.lr > 0, "rl.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "rl.weight_decay", "must be >= 0")
+        _check(self.max_grad_norm > 0, "rl.max_grad_norm", "must be > 0")
+        _check(self.kl_coef >= 0, "rl.kl_coef", f"must be >= 0, got {self.kl_coef}")
+        _one_of(self.kl_estimator, ("k1", "k3"), "rl.kl_estimator")
+        _check(0 <= self.clip_low < 1, "rl.clip_low", f"must be in [0, 1), got {self.clip_low}")
+        _check(self.clip_high >= 0, "rl.clip_high", f"must be >= 0, got {self.clip_high}")
+        _check(self.tis_cap >= 1, "rl.tis_cap", f"must be >= 1, got {self.tis_cap}")
+        _check(self.prompts_per_step >= 1, "rl.prompts_per_step", "must be >= 1")
+        _check(self.micro_batch_tokens >= 16, "rl.micro_batch_tokens", "must be >= 16")
+
+
+@dataclass
+class EvalConfig:
+    before: bool = True  # held-out greedy accuracy before tuning
+    after: bool = True
+    max_tokens: int = 64
+
+    def __post_init__(self):
+        _check(self.max_tokens >= 1, "eval.max_tokens", "must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    steps: int = 20  # RL steps per round
+    rounds: int = 1
+    output_dir: str = "runs/tao"
+    seed: int = 0
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    progress: bool = True
+
+    def __post_init__(self):
+        _check(self.steps >= 0, "run.steps", f"must be >= 0, got {self.steps}")
+        _check(self.rounds >= 1, "run.rounds", f"must be >= 1, got {self.rounds}")
+        _check(self.threads >= 0, "run.threads", "must be >= 0")
+
+
+@dataclass
+class TaoConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, tp, key: str):
+    """value checked (and int->float widened) against the field's annotated type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is not type(None):
+                try:
+                    return _coerce(value, a, key)
+                except ConfigError:
+                    pass
+        raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+    if tp in (int, float) and isinstance(value, str):  # YAML reads "3e-5" as a string
+        try:
+            value = tp(value.strip())
+        except ValueError:
+            pass
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r} "
+                      f"({type(value).__name__})")
+
+
+def _build(cls, data: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"{key}: unknown key (known: {sorted(names)})")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key}: expected a section (mapping), got {v!r}")
+            kwargs[k] = _build(tp, v, key + ".")
+        else:
+            kwargs[k] = _coerce(v, tp, key)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def _set_path(d: dict, dotted: str, value):
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"{dotted}: {p} is not a section")
+    d[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    """'rl.lr=1e-5' -> ('rl.lr', 1e-05); the value is read as YAML (numbers, bools, strings)."""
+    key, eq, raw = item.partition("=")
+    if not eq or not key.strip():
+        raise ConfigError(f"override {item!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, (dict, list)):
+        value = raw  # a string such as "[x]" stays a string
+    return key.strip(), value
+
+
+def read_config_file(path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text) or {}
+    except Exception as e:  # noqa: BLE001 - both parsers name the line in their message
+        raise ConfigError(f"{path}: cannot parse: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+def load_config(path=None, overrides=(), base: dict | None = None) -> TaoConfig:
+    """Defaults <- `base` <- file <- overrides, checked; errors name the key (and file)."""
+    data: dict = {}
+    for k, v in (base or {}).items():
+        _set_path(data, k, v)
+    if path is not None:
+        for sec, vals in read_config_file(path).items():
+            if isinstance(vals, dict):
+                for k, v in vals.items():
+                    _set_path(data, f"{sec}.{k}", v)
+            else:
+                _set_path(data, sec, vals)
+    for item in overrides:
+        k, v = parse_override(item)
+        _set_path(data, k, v)
+    try:
+        return _build(TaoConfig, data, "")
+    except ConfigError as e:
+        if path is None:
+            raise
+        raise ConfigError(f"{path}: {e} (from the file or a key=value override)") from None
+
+
+def save_config(cfg: TaoConfig, path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

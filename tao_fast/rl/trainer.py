@@ -1,0 +1,149 @@
+"""The learner: turns scored rollouts into policy-gradient updates.
+
+One `Learner.step` = one optimizer step over a batch of candidates:
+  samples (prompt + response ids, advantage, sampler log-probs)
+  -> micro-batches packed to a token budget (no padding)
+  -> packed forward -> fused linear log-prob of the response tokens (no [T, V] logits)
+  -> clipped policy-gradient loss with truncated importance sampling (+ optional KL)
+  -> backward per micro-batch, scaled so the sum equals the whole batch's loss
+  -> clip grad norm, AdamW.
+Statistics stay on the device as tensors; they are read once, at the end of the step.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from tao_fast import ops
+from tao_fast.config import RLConfig
+from tao_fast.kernels.reference import IGNORE_INDEX
+from tao_fast.models.llama import Transformer
+from tao_fast.rl.packing import make_packed_batch, microbatch_agg, pack_sequences, pack_per_token
+
+
+@dataclass
+class Sample:
+    ids: list[int]  # prompt + response tokens
+    prompt_len: int
+    advantage: float
+    sampler_logprobs: list[float]  # one per response token, from the rollout engine
+
+    def __post_init__(self):
+        if len(self.ids) - self.prompt_len != len(self.sampler_logprobs):
+            raise ValueError("sampler_logprobs must have one entry per response token")
+
+    @property
+    def num_response_tokens(self) -> int:
+        return len(self.ids) - self.prompt_len
+
+
+def samples_from_rollouts(rollouts, advantages, has_signal) -> list[Sample]:
+    """Candidates of groups that carry signal, with at least one response token."""
+    out = []
+    for p, (prompt, keep) in enumerate(zip(rollouts.prompt_ids, has_signal)):
+        if not keep:
+            continue
+        for resp, lps, adv in zip(rollouts.token_ids[p], rollouts.logprobs[p], advantages[p]):
+            if resp:
+                out.append(Sample(list(prompt) + list(resp), len(prompt), adv, list(lps)))
+    return out
+
+
+def _per_token(s: Sample):
+    """targets / advantages / sampler log-probs, aligned so position t predicts ids[t + 1]."""
+    n_prompt, n_resp = s.prompt_len, s.num_response_tokens
+    targets = [IGNORE_INDEX] * (n_prompt - 1) + s.ids[n_prompt:] + [IGNORE_INDEX]
+    sampler = [0.0] * (n_prompt - 1) + s.sampler_logprobs + [0.0]
+    return targets, [s.advantage] * (n_prompt + n_resp), sampler
+
+
+class Learner:
+    def __init__(self, model: Transformer, cfg: RLConfig, temperature: float,
+                 ops_backend: str = "auto", progress: bool = False):
+        if temperature <= 0:
+            raise ValueError("training needs sampled rollouts: rollout.temperature must be > 0")
+        self.model, self.cfg, self.temperature = model, cfg, temperature
+        self.model.ops_backend = ops_backend
+        self.backend = ops_backend
+        self.progress = progress
+        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
+                                     weight_decay=cfg.weight_decay, eps=1e-8)
+        self.ref = None
+        if cfg.kl_coef > 0:  # frozen copy of the starting policy
+            self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+        self.steps_done = 0
+
+    def _logprobs(self, model, batch, targets):
+        hidden = model(batch.input_ids, batch.positions, batch.cu_seqlens, batch.max_seqlen)
+        return ops.linear_logprob(hidden, model.output_weight, targets,
+                                  temperature=self.temperature, backend=self.backend)  # [T]
+
+    def step(self, samples: list[Sample]) -> dict:
+        """One optimizer step over `samples`; returns host-side statistics."""
+        if not samples:
+            raise ValueError("Learner.step needs at least one sample")
+        cfg, model = self.cfg, self.model
+        dev = model.embed_tokens.weight.device
+        t0 = time.perf_counter()
+        model.train()
+        bins = pack_sequences([len(s.ids) for s in samples], cfg.micro_batch_tokens)
+        n_counted = sum(s.num_response_tokens for s in samples)
+        loss_norm = float(n_counted)  # Dr.GRPO's constant: tokens of this batch
+        agg_mode = "token-sum-norm" if cfg.algorithm == "dr-grpo" else "token-mean"
+        totals = {k: torch.zeros((), device=dev) for k in
+                  ("loss", "clip_frac", "kl", "ratio_mean", "abs_diff", "mismatch")}
+        ratio_max = torch.zeros((), device=dev)
+        n_tokens = 0
+        bar = tqdm(bins, desc="train", unit="mb", leave=False, disable=not self.progress)
+        for idx in bar:
+            mb = [samples[i] for i in idx]
+            batch = make_packed_batch([s.ids for s in mb], device=dev)
+            cols = [_per_token(s) for s in mb]
+            targets = pack_per_token([c[0] for c in cols], batch, dtype=torch.long).to(dev)
+            adv = pack_per_token([c[1] for c in cols], batch).to(dev)
+            sampler_lp = pack_per_token([c[2] for c in cols], batch).to(dev)
+            mask = targets != IGNORE_INDEX  # [T]
+            logp = self._logprobs(model, batch, targets)  # [T]
+            ref_lp = None
+            if self.ref is not None:
+                with torch.no_grad():
+                    ref_lp = self._logprobs(self.ref, batch, targets)
+            agg = microbatch_agg(agg_mode, global_n_tokens=n_counted, global_n_seqs=len(samples),
+                                 mb_n_seqs=len(mb), loss_norm=loss_norm)
+            # One update per batch: the learner's old log-probs are its current ones (ratio 1);
+            # the sampler's log-probs enter through the truncated importance weight.
+            loss, st = ops.pg_loss(
+                logp, logp.detach(), adv, mask, ref_logp=ref_lp, kl_coef=cfg.kl_coef,
+                kl_estimator=cfg.kl_estimator, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                sampler_logp=sampler_lp, tis_cap=cfg.tis_cap, agg=agg.agg,
+                loss_norm=agg.loss_norm, cu_seqlens=batch.cu_seqlens, backend=self.backend)
+            (loss * agg.weight).backward()
+            with torch.no_grad():
+                frac = sum(s.num_response_tokens for s in mb) / max(n_counted, 1)  # host count
+                totals["loss"] += loss.detach() * agg.weight
+                for k in ("clip_frac", "kl", "ratio_mean"):
+                    totals[k] += st[k] * frac
+                ratio_max = torch.maximum(ratio_max, st["ratio_max"])
+                diff = (logp.detach() - sampler_lp).masked_fill(~mask, 0.0)
+                totals["abs_diff"] += diff.abs().sum() / max(n_counted, 1)
+                ratio = diff.exp()
+                outside = ((ratio < 0.8) | (ratio > 1.25)) & mask
+                totals["mismatch"] += outside.float().sum() / max(n_counted, 1)
+            n_tokens += batch.num_tokens
+        bar.close()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.steps_done += 1
+        secs = time.perf_counter() - t0
+        out = {k: float(v) for k, v in totals.items()}  # the step's one host sync
+        out.update(ratio_max=float(ratio_max), grad_norm=float(grad_norm),
+                   train_tokens=n_tokens, train_seconds=secs, train_tokens_per_s=n_tokens / secs,
+                   micro_batches=len(bins), samples=len(samples))
+        out["sampler_logprob_abs_diff"] = out.pop("abs_diff")
+        out["sampler_ratio_outside"] = out.pop("mismatch")
+        return out

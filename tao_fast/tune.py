@@ -1,0 +1,241 @@
+"""`tao_fast.tune(config)`: the whole TAO loop, top to bottom.
+
+  load prompts, scorer (fails fast), model, rollout engine
+  evaluate the held-out prompts (before)
+  for each round, for each step:
+      generate N candidates per prompt -> score them -> group advantages -> learner step
+      -> sync the new weights into the engine -> one line of metrics.jsonl
+  save an HF checkpoint (atomically) after each round, evaluate again (after)
+The run directory holds config.yaml, metrics.jsonl, eval_*.json, summary.json/.md, checkpoints.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tao_fast.checkpoint import atomic_write_text, save_checkpoint
+from tao_fast.config import ConfigError, TaoConfig, load_config, save_config
+from tao_fast.data import arithmetic_split, read_jsonl
+from tao_fast.data.prompts import encode_prompt
+from tao_fast.eval import EvalResult, evaluate
+from tao_fast.rl.advantages import group_advantages
+from tao_fast.rl.trainer import Learner, samples_from_rollouts
+from tao_fast.rollout import SamplingParams
+from tao_fast.scoring import build_scorer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class TuneResult:
+    run_dir: Path
+    checkpoint: Path | None
+    metrics: list[dict] = field(default_factory=list)
+    eval_before: EvalResult | None = None
+    eval_after: EvalResult | None = None
+    wall_seconds: float = 0.0
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def load_prompts(cfg: TaoConfig):
+    """(train, held-out) prompt records; the builtin task's two sets share no question."""
+    d = cfg.data
+    if d.train == "builtin:arithmetic":
+        train, held = arithmetic_split(d.n_train, d.n_eval, cfg.run.seed, ops=d.ops,
+                                       digits=d.digits, words=d.words)
+    elif d.train.startswith("builtin:"):
+        raise ConfigError(f"data.train: unknown builtin task {d.train!r} (builtin:arithmetic)")
+    else:
+        train, held = read_jsonl(d.train), []
+    if d.eval:
+        held = read_jsonl(d.eval)
+    return train, held
+
+
+def make_engine(cfg: TaoConfig, model, tokenizer):
+    """The rollout engine. The torch engine shares the learner's tensors when the dtypes
+    match; with rollout.dtype=bfloat16 it keeps a bf16 copy that each sync casts into in place."""
+    from tao_fast.rollout.torch_engine import TorchEngine
+
+    if cfg.rollout.engine == "vllm":
+        raise ConfigError("rollout.engine=vllm: the vLLM engine is not part of this version "
+                          "yet; use rollout.engine=torch")
+    sampler = model
+    if _DTYPES[cfg.rollout.dtype] != model.embed_tokens.weight.dtype:
+        sampler = copy.deepcopy(model).to(_DTYPES[cfg.rollout.dtype]).requires_grad_(False)
+        sampler.inv_freq = model.inv_freq.clone()
+    return TorchEngine(sampler, tokenizer, max_batch_rows=cfg.rollout.max_batch_rows)
+
+
+def _check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"run.output_dir: cannot write to {run_dir}: {e.strerror}") from None
+
+
+def _eval(cfg, engine, tokenizer, scorer, prompts, name, run_dir) -> EvalResult | None:
+    if not prompts:
+        return None
+    res = evaluate(engine.model, prompts, scorer, tokenizer=tokenizer, engine=engine,
+                   max_tokens=cfg.eval.max_tokens, temperature=0.0,
+                   strategy=cfg.rollout.strategy, system_prompt=cfg.data.system_prompt,
+                   progress=cfg.run.progress)
+    res.save(run_dir / f"eval_{name}.json")
+    log(f"[eval {name}] held-out greedy: {res.summary()} ({res.seconds:.0f} s)")
+    return res
+
+
+def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=()) -> TuneResult:
+    """Run TAO. config: a TaoConfig, or a YAML/TOML path (with key=value overrides)."""
+    t_start = time.perf_counter()
+    cfg = config if isinstance(config, TaoConfig) else load_config(config, overrides)
+    run_dir = Path(cfg.run.output_dir)
+    _check_writable(run_dir)
+    save_config(cfg, run_dir / "config.yaml")
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    torch.manual_seed(cfg.run.seed)
+
+    sc = cfg.scoring
+    scorer = build_scorer(sc.scorer, seed=cfg.run.seed, failure_value=sc.failure_value,
+                          timeout_s=sc.timeout_s, memory_mb=sc.memory_mb)
+    train, held = load_prompts(cfg)
+    from tao_fast.models import load_model
+
+    model, tok, model_dir = load_model(cfg.model.path, dtype=_DTYPES[cfg.model.dtype])
+    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    engine = make_engine(cfg, model, tok)
+    log(f"[tao-fast] model {model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+        f"params), {len(train)} training prompts, {len(held)} held-out, scorer {scorer.name}")
+
+    result = TuneResult(run_dir=run_dir, checkpoint=None)
+    if cfg.eval.before:
+        result.eval_before = _eval(cfg, engine, tok, scorer, held, "before", run_dir)
+
+    learner = Learner(model, cfg.rl, cfg.rollout.temperature, cfg.model.ops_backend,
+                      progress=cfg.run.progress)
+    rng = random.Random(cfg.run.seed)
+    order: list[int] = []
+    encoded: dict[int, list[int]] = {}
+    ro = cfg.rollout
+    total = cfg.run.rounds * cfg.run.steps
+    bar = tqdm(total=total, desc="tune", unit="step", disable=not cfg.run.progress)
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as mf:
+        for rnd in range(1, cfg.run.rounds + 1):
+            for step in range(1, cfg.run.steps + 1):
+                t0 = time.perf_counter()
+                if len(order) < cfg.rl.prompts_per_step:  # reshuffle once per pass over data
+                    fresh = list(range(len(train)))
+                    rng.shuffle(fresh)
+                    order += fresh
+                idx, order = order[:cfg.rl.prompts_per_step], order[cfg.rl.prompts_per_step:]
+                recs = [train[i] for i in idx]
+                for i in idx:
+                    if i not in encoded:
+                        encoded[i] = encode_prompt(train[i], tok, ro.strategy,
+                                                   cfg.data.system_prompt)
+                rollouts = engine.generate(
+                    [encoded[i] for i in idx],
+                    SamplingParams(n=ro.n, temperature=ro.temperature, top_p=ro.top_p,
+                                   max_tokens=ro.max_tokens,
+                                   seed=cfg.run.seed * 1_000_003 + learner.steps_done + 1),
+                    progress=cfg.run.progress)
+                t_gen = time.perf_counter()
+                scores = scorer.score(recs, rollouts.texts)
+                t_score = time.perf_counter()
+                advs, signal = group_advantages(scores.rewards, cfg.rl.algorithm,
+                                                cfg.rl.std_normalize)
+                samples = samples_from_rollouts(rollouts, advs, signal)
+                flat = [r for g in scores.rewards for r in g]
+                mean = sum(flat) / len(flat)
+                m = {"round": rnd, "step": step, "global_step": (rnd - 1) * cfg.run.steps + step,
+                     "reward_mean": mean,
+                     "reward_std": (sum((r - mean) ** 2 for r in flat) / len(flat)) ** 0.5,
+                     "zero_signal_groups": signal.count(False),
+                     "zero_signal_frac": signal.count(False) / len(signal),
+                     "score_failures": scores.failures,
+                     "response_tokens_mean": rollouts.num_tokens / len(flat),
+                     "gen_tokens": rollouts.stats["tokens"],
+                     "gen_tokens_per_s": rollouts.stats["tokens_per_s"],
+                     "gen_seconds": t_gen - t0, "score_seconds": t_score - t_gen}
+                if samples:
+                    m.update(learner.step(samples))
+                    t_sync = time.perf_counter()
+                    if engine.model is not model:
+                        engine.load_weights(model.named_parameters())
+                    m["sync_seconds"] = time.perf_counter() - t_sync
+                else:
+                    m["skipped"] = "every group had equal rewards"
+                m["step_seconds"] = time.perf_counter() - t0
+                result.metrics.append(m)
+                mf.write(json.dumps(m) + "\n")
+                mf.flush()
+                bar.update(1)
+                bar.set_postfix(reward=f"{mean:.3f}", zero=m["zero_signal_groups"])
+            result.checkpoint = save_checkpoint(
+                model, tok, run_dir / f"checkpoint-round{rnd}",
+                extra={"round": rnd, "steps": learner.steps_done, "base_model": str(model_dir)})
+            log(f"[tao-fast] round {rnd}: checkpoint {result.checkpoint}")
+            if cfg.eval.after and rnd < cfg.run.rounds:
+                _eval(cfg, engine, tok, scorer, held, f"round{rnd}", run_dir)
+    bar.close()
+    if cfg.eval.after:
+        result.eval_after = _eval(cfg, engine, tok, scorer, held, "after", run_dir)
+    result.wall_seconds = time.perf_counter() - t_start
+    write_summary(result, cfg)
+    return result
+
+
+def sparkline(values: list[float]) -> str:
+    bars = "▁▂▃▄▅▆▇█"
+    if not values:
+        return ""
+    lo, hi = min(values), max(values)
+    return "".join(bars[0 if hi == lo else int((v - lo) / (hi - lo) * 7)] for v in values)
+
+
+def write_summary(res: TuneResult, cfg: TaoConfig) -> None:
+    curve = [m["reward_mean"] for m in res.metrics]
+    summary = {
+        "wall_seconds": res.wall_seconds, "checkpoint": str(res.checkpoint or ""),
+        "scorer": cfg.scoring.scorer, "steps": len(res.metrics), "reward_curve": curve,
+        "before": None if res.eval_before is None else
+        {k: getattr(res.eval_before, k) for k in ("n", "accuracy", "ci_low", "ci_high",
+                                                  "mean_score", "mean_response_tokens")},
+        "after": None if res.eval_after is None else
+        {k: getattr(res.eval_after, k) for k in ("n", "accuracy", "ci_low", "ci_high",
+                                                 "mean_score", "mean_response_tokens")},
+    }
+    atomic_write_text(res.run_dir / "summary.json", json.dumps(summary, indent=1))
+    lines = [f"# tao-fast run: {res.run_dir}", "",
+             f"- scorer: `{cfg.scoring.scorer}`; {len(res.metrics)} steps x "
+             f"{cfg.rl.prompts_per_step} prompts x {cfg.rollout.n} candidates; "
+             f"wall time {res.wall_seconds / 60:.1f} min",
+             f"- reward curve (mean reward per step): {sparkline(curve)} "
+             f"({curve[0]:.3f} -> {curve[-1]:.3f})" if curve else "- no training steps"]
+    if res.eval_before is not None:
+        lines.append(f"- held-out before: {res.eval_before.summary()}")
+    if res.eval_after is not None:
+        lines.append(f"- held-out after:  {res.eval_after.summary()}")
+    if res.eval_before is not None and res.eval_after is not None:
+        gain = 100 * (res.eval_after.accuracy - res.eval_before.accuracy)
+        lines.append(f"- change: {gain:+.1f} points")
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(res.run_dir / "summary.md", text)
+    log(text)
