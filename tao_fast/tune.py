@@ -105,7 +105,7 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=()) -> T
     """Run TAO. config: a TaoConfig, or a YAML/TOML path (with key=value overrides)."""
     t_start = time.perf_counter()
     cfg = config if isinstance(config, TaoConfig) else load_config(config, overrides)
-    run_dir = Path(cfg.run.output_dir)
+    run_dir = Path(cfg.run.output_dir).resolve()
     _check_writable(run_dir)
     save_config(cfg, run_dir / "config.yaml")
     if cfg.run.threads:

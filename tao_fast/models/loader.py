@@ -161,7 +161,7 @@ def hf_state_dict(model: Transformer) -> dict:
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype=torch.float32, device="cpu"):
-    """Load (Transformer, tokenizer, model_dir) from an embedded name, HF dir or GGUF file."""
+    """Load (Transformer, tokenizer or None, model_dir) from an embedded name, HF dir or GGUF."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(spec)
@@ -182,5 +182,6 @@ def load_model(spec: str = DEFAULT_MODEL, dtype=torch.float32, device="cpu"):
     model.inv_freq = rope_inv_freq(args).to(device)
     model = model.to(dtype)
     model.inv_freq = model.inv_freq.float()
-    tok = AutoTokenizer.from_pretrained(path)
+    has_tok = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tok = AutoTokenizer.from_pretrained(path) if has_tok else None  # None: weights-only dir
     return model, tok, path

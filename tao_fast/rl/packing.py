@@ -144,8 +144,8 @@ def make_packed_batch(seqs: Sequence, device=None) -> PackedBatch:
     ids = [torch.as_tensor(s, dtype=torch.int64).reshape(-1) for s in seqs]
     lens = [int(t.numel()) for t in ids]
     positions = torch.cat([torch.arange(n, dtype=torch.int64) for n in lens])  # [T]
-    batch = PackedBatch(input_ids=torch.cat(ids), positions=positions, cu_seqlens=_lens_and_cu(lens),
-                        max_seqlen=max(lens), seq_lens=lens)
+    batch = PackedBatch(input_ids=torch.cat(ids), positions=positions,
+                        cu_seqlens=_lens_and_cu(lens), max_seqlen=max(lens), seq_lens=lens)
     return batch if device is None else batch.to(device)
 
 

@@ -1,0 +1,439 @@
+"""Varlen (packed-sequence) causal attention with GQA: Triton forward and backward.
+
+FlashAttention-2 style. q [T, Hq, D], k/v [T, Hkv, D] hold B sequences back to back, delimited
+by cu_seqlens int32 [B+1]; attention is (causal) inside each sequence and never crosses one.
+Forward: one program per (q block of a sequence, batch*q-head); online softmax in the exp2
+domain; saves the natural-log logsumexp per (q-head, token) as lse [Hq, T] fp32.
+Backward (no atomics, so bitwise deterministic): delta = rowsum(dO * O); a dk/dv kernel (one
+program per k block of a sequence and kv head, looping over the q heads of its GQA group and
+over q blocks, so the group sum happens in registers in a fixed order); a dq kernel (one
+program per q block and q head, looping over k blocks).
+
+Every loop is split into an unmasked part (blocks fully inside the sequence and fully below the
+causal diagonal) and a masked part (the diagonal and the sequence tail). Programs whose block
+starts past their sequence's end exit at once (grids are sized by max_seqlen).
+"""
+from __future__ import annotations
+
+import numbers
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634  # kernels spell constants out: jit code reads no Python globals
+_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs(D: int):
+    """(fwd, dkdv, dq) block configs: dicts of BLOCK_M, BLOCK_N, num_warps, num_stages.
+
+    UNMEASURED for speed: no GPU was lent while writing this. Chosen by compiling offline for
+    sm_90a (Triton 3.9 and 3.6, `ptxas -v`) so that no kernel spills registers at D <= 128
+    beyond ~30 bytes on 3.6 (D=256 fwd spills ~200 bytes on 3.6); the Triton tutorial's bwd
+    tiles (32x128 / 128x32, 4 warps) spill 0.5-3 KB at D=128. Tune with bench/gpu_attention.py.
+    The interpreter uses small blocks so tests cover multi-block loops, diagonal blocks and
+    sequence tails at small T.
+    Constraint (fwd and dq): BLOCK_M % BLOCK_N == 0, so the unmasked k range ends on a BLOCK_N edge.
+    """
+    if _interpreting():
+        return (dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1),
+                dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
+                dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1))
+    if D <= 64:
+        return (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+                dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+                dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3))
+    if D <= 128:
+        return (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+                dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3),
+                dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3))
+    return (dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+            dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
+            dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2))
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n0, offs_d,
+               L, lo, hi, qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+               BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0  # [BLOCK_N]
+        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
+        if MASK:
+            k = tl.load(k_ptrs, mask=offs_n[:, None] < L, other=0.0)  # [BLOCK_N, D]
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < L, other=0.0)  # [BLOCK_N, D]
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+        if MASK:
+            keep = offs_n[None, :] < L
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            qk = tl.where(keep, qk, float("-inf"))
+        # Column `lo == 0` is valid for every row, so m_ij is finite after the first block.
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))  # [BLOCK_M]
+        p = tl.math.exp2(qk - m_ij[:, None])  # [BLOCK_M, BLOCK_N]
+        alpha = tl.math.exp2(m_i - m_ij)  # [BLOCK_M]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc=acc * alpha[:, None])  # [BLOCK_M, D] fp32
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, CU, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+                stride_vh, stride_ot, stride_oh, T, HQ, qk_scale,
+                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    seq_start = tl.load(CU + b)
+    L = tl.load(CU + b + 1) - seq_start
+    if start_m >= L:  # block past this sequence's end (grid is sized by max_seqlen)
+        return
+    tok0 = seq_start.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = Q + tok0 * stride_qt + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < L, other=0.0)  # [BLOCK_M, D]
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + tok0 * stride_kt + (h // GROUP) * stride_kh
+    v_base = V + tok0 * stride_vt + (h // GROUP) * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    full_end = (L // BLOCK_N) * BLOCK_N  # k blocks wholly inside the sequence
+    if CAUSAL:
+        full_end = tl.minimum(full_end, start_m)  # ... and wholly left of the diagonal
+        hi = tl.minimum(L, start_m + BLOCK_M)  # k blocks right of the diagonal are skipped
+    else:
+        hi = L
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
+                               offs_n0, offs_d, L, 0, full_end, qk_scale, False, CAUSAL,
+                               BLOCK_N, UPCAST)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
+                               offs_n0, offs_d, L, full_end, hi, qk_scale, True, CAUSAL,
+                               BLOCK_N, UPCAST)
+    acc = acc / l_i[:, None]
+    row_ok = offs_m < L
+    o_ptrs = O + tok0 * stride_ot + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # [BLOCK_M] natural log
+    tl.store(LSE + h.to(tl.int64) * T + tok0 + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_preprocess(O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, T,
+                    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    offs_t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    h = tl.program_id(1)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row = offs_t.to(tl.int64)[:, None]
+    o = tl.load(O + row * stride_ot + h * stride_oh + offs_d[None, :], mask=row < T, other=0.0)
+    do = tl.load(DO + row * stride_dot + h * stride_doh + offs_d[None, :], mask=row < T, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # [BLOCK]
+    tl.store(DELTA + h.to(tl.int64) * T + offs_t, delta, mask=offs_t < T)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                offs_n, offs_m0, offs_d, L, lo, hi, qk_scale, MASK: tl.constexpr,
+                BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0  # [BLOCK_M]
+        row_ok = offs_m < L
+        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None],
+                    other=0.0)  # [BLOCK_M, D]
+        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :],
+                     mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+        # lse = +inf past the sequence end makes p = 0 there (do = 0 already zeroes those rows).
+        lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)  # [BLOCK_M]
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])  # [BLOCK_N, BLOCK_M]
+        if MASK:  # causal diagonal
+            pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, acc=dv)  # [BLOCK_N, D]
+        dpT = tl.dot(v, tl.trans(do))  # [BLOCK_N, BLOCK_M]
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, acc=dk)  # [BLOCK_N, D]
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, stride_qt, stride_qh, stride_kt,
+                     stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dkt,
+                     stride_dkh, stride_dvt, stride_dvh, T, HKV, sm_scale, qk_scale,
+                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    seq_start = tl.load(CU + b)
+    L = tl.load(CU + b + 1) - seq_start
+    if start_n >= L:
+        return
+    tok0 = seq_start.to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_ok = offs_n[:, None] < L
+    k_ptrs = K + tok0 * stride_kt + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + tok0 * stride_vt + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    k = tl.load(k_ptrs, mask=n_ok, other=0.0)  # [BLOCK_N, D]
+    v = tl.load(v_ptrs, mask=n_ok, other=0.0)  # [BLOCK_N, D]
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    if CAUSAL:  # q blocks above the diagonal see none of this k block: start at the diagonal
+        lo = (start_n // BLOCK_M) * BLOCK_M
+        mid = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, L)
+    else:
+        lo = 0
+        mid = 0
+    # The GQA group's q heads are summed here, in a fixed order: no atomics, deterministic.
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        q_base = Q + tok0 * stride_qt + h * stride_qh
+        do_base = DO + tok0 * stride_dot + h * stride_doh
+        lse_base = LSE + h.to(tl.int64) * T + tok0
+        delta_base = DELTA + h.to(tl.int64) * T + tok0
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                             stride_dot, offs_n, offs_m0, offs_d, L, lo, mid, qk_scale, True,
+                             BLOCK_M, UPCAST)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                             stride_dot, offs_n, offs_m0, offs_d, L, mid, L, qk_scale, False,
+                             BLOCK_M, UPCAST)
+    dk = dk * sm_scale
+    dk_ptrs = DK + (tok0 + offs_n[:, None]) * stride_dkt + hk * stride_dkh + offs_d[None, :]
+    dv_ptrs = DV + (tok0 + offs_n[:, None]) * stride_dvt + hk * stride_dvh + offs_d[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=n_ok)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n0,
+              offs_d, L, lo, hi, qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+              BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0  # [BLOCK_N]
+        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
+        if MASK:
+            k = tl.load(k_ptrs, mask=offs_n[:, None] < L, other=0.0)  # [BLOCK_N, D]
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < L, other=0.0)  # [BLOCK_N, D]
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])  # [BLOCK_M, BLOCK_N]
+        if MASK:
+            keep = offs_n[None, :] < L
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v))  # [BLOCK_M, BLOCK_N]
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, acc=dq)  # [BLOCK_M, D]
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, stride_qt, stride_qh, stride_kt, stride_kh,
+                   stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh, T, HQ,
+                   sm_scale, qk_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    seq_start = tl.load(CU + b)
+    L = tl.load(CU + b + 1) - seq_start
+    if start_m >= L:
+        return
+    tok0 = seq_start.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < L
+    q_ptrs = Q + tok0 * stride_qt + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    do = tl.load(DO + tok0 * stride_dot + h * stride_doh + offs_m[:, None] * stride_dot
+                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    lse2 = tl.load(LSE + h.to(tl.int64) * T + tok0 + offs_m, mask=row_ok,
+                   other=float("inf")) * 1.4426950408889634  # [BLOCK_M]
+    delta = tl.load(DELTA + h.to(tl.int64) * T + tok0 + offs_m, mask=row_ok, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    k_base = K + tok0 * stride_kt + (h // GROUP) * stride_kh
+    v_base = V + tok0 * stride_vt + (h // GROUP) * stride_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    full_end = (L // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        full_end = tl.minimum(full_end, start_m)
+        hi = tl.minimum(L, start_m + BLOCK_M)
+    else:
+        hi = L
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n0,
+                   offs_d, L, 0, full_end, qk_scale, False, CAUSAL, BLOCK_N, UPCAST)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n0,
+                   offs_d, L, full_end, hi, qk_scale, True, CAUSAL, BLOCK_N, UPCAST)
+    dq = dq * sm_scale
+    dq_ptrs = DQ + (tok0 + offs_m[:, None]) * stride_dqt + h * stride_dqh + offs_d[None, :]
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _check_inputs(q, k, v, cu_seqlens, max_seqlen):
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"q [T, Hq, D], k/v [T, Hkv, D] expected, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    T, Hq, D = q.shape
+    if k.shape != v.shape or k.shape[0] != T or k.shape[2] != D:
+        raise ValueError(f"k and v must be [T={T}, Hkv, D={D}], got {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if Hq % k.shape[1]:
+        raise ValueError(f"Hq={Hq} must be a multiple of Hkv={k.shape[1]}")
+    if D not in _HEAD_DIMS:
+        raise ValueError(f"head dim D={D} not supported: the Triton kernel takes D in {_HEAD_DIMS} "
+                         "(pad the head dim, or use backend='torch')")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {q.dtype}")
+    if not (q.device == k.device == v.device == cu_seqlens.device):
+        raise ValueError(f"q, k, v, cu_seqlens must be on one device, got {q.device}, {k.device}, "
+                         f"{v.device}, {cu_seqlens.device}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens must be int32 [B+1] with B >= 1, got {cu_seqlens.dtype} "
+                         f"{tuple(cu_seqlens.shape)}")
+    if not isinstance(max_seqlen, numbers.Integral) or isinstance(max_seqlen, bool) \
+            or max_seqlen < 0:  # a tensor here would cost a host sync per call
+        raise ValueError(f"max_seqlen must be a Python int >= 0, got {max_seqlen!r}")
+    if not cu_seqlens.is_cuda:  # values checked only where that costs no device sync
+        cu = cu_seqlens.tolist()
+        lens = [e - s for s, e in zip(cu[:-1], cu[1:])]
+        if cu[0] != 0 or cu[-1] != T or min(lens) < 0 or max(lens) > max_seqlen:
+            raise ValueError(f"cu_seqlens must rise from 0 to T={T} with steps <= max_seqlen="
+                             f"{max_seqlen}, got {cu}")
+
+
+def _last_dim_contiguous(x):
+    # Kernels take any token/head strides but need unit stride along D.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True,
+                             scale=None, out=None, lse=None):
+    """Forward only, no autograd. Returns out [T, Hq, D] (q's dtype) and lse [Hq, T] fp32.
+
+    `out` / `lse` may be given preallocated (tests poison them to check every element is
+    written). cu_seqlens values are trusted on CUDA (checking them would sync the host).
+    """
+    _check_inputs(q, k, v, cu_seqlens, max_seqlen)
+    q, k, v = map(_last_dim_contiguous, (q, k, v))
+    T, Hq, D = q.shape
+    Hkv, max_seqlen = k.shape[1], int(max_seqlen)
+    scale = D ** -0.5 if scale is None else float(scale)
+    out = torch.empty_like(q) if out is None else out  # [T, Hq, D]
+    lse = torch.empty(Hq, T, device=q.device, dtype=torch.float32) if lse is None else lse
+    if out.shape != q.shape or out.stride(-1) != 1 or lse.shape != (Hq, T) \
+            or not lse.is_contiguous():
+        raise ValueError("out must be [T, Hq, D] with unit stride in D, lse contiguous [Hq, T]")
+    B = cu_seqlens.numel() - 1
+    cfg, _, _ = _configs(D)
+    upcast = _interpreting() and q.dtype == torch.bfloat16  # interpreter bf16 tl.dot is broken
+    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), B * Hq)
+    if T and max_seqlen:
+        _fwd_kernel[grid](q, k, v, out, lse, cu_seqlens, q.stride(0), q.stride(1), k.stride(0),
+                          k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+                          T, Hq, scale * _LOG2E, GROUP=Hq // Hkv, HEAD_DIM=D, CAUSAL=bool(causal),
+                          UPCAST=upcast, **cfg)
+    return out, lse
+
+
+def varlen_attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int,
+                              causal: bool = True, scale=None, dq=None, dk=None, dv=None):
+    """Gradients dq [T, Hq, D], dk, dv [T, Hkv, D] from dout [T, Hq, D]; no atomics.
+
+    dq/dk/dv may be given preallocated (tests poison them).
+    """
+    q, k, v, out, do = map(_last_dim_contiguous, (q, k, v, out, do))
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    B = cu_seqlens.numel() - 1
+    scale = D ** -0.5 if scale is None else float(scale)
+    dq = torch.empty_like(q) if dq is None else dq  # [T, Hq, D]
+    dk = torch.empty_like(k) if dk is None else dk  # [T, Hkv, D]
+    dv = torch.empty_like(v) if dv is None else dv  # [T, Hkv, D]
+    if not T or not max_seqlen:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty(Hq, T, device=q.device, dtype=torch.float32)  # rowsum(dO * O)
+    _, cfg_kv, cfg_q = _configs(D)
+    upcast = _interpreting() and q.dtype == torch.bfloat16
+    pre_block = 64 if _interpreting() else 128
+    _bwd_preprocess[(triton.cdiv(T, pre_block), Hq)](
+        out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), T,
+        HEAD_DIM=D, BLOCK=pre_block)
+    common = dict(GROUP=Hq // Hkv, HEAD_DIM=D, CAUSAL=bool(causal), UPCAST=upcast)
+    _bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg_kv["BLOCK_N"]), B * Hkv)](
+        q, k, v, do, lse, delta, dk, dv, cu_seqlens, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), dk.stride(0),
+        dk.stride(1), dv.stride(0), dv.stride(1), T, Hkv, scale, scale * _LOG2E,
+        **common, **cfg_kv)
+    _bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg_q["BLOCK_M"]), B * Hq)](
+        q, k, v, do, lse, delta, dq, cu_seqlens, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), dq.stride(0),
+        dq.stride(1), T, Hq, scale, scale * _LOG2E, **common, **cfg_q)
+    return dq, dk, dv
+
+
+class VarlenAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale):
+        out, lse = varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.max_seqlen, ctx.causal, ctx.scale = max_seqlen, causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens,
+                                               ctx.max_seqlen, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True, scale=None):
+    """Attention over packed sequences (causal inside each, nothing across), GQA, differentiable.
+
+    q [T, Hq, D], k/v [T, Hkv, D] (Hq % Hkv == 0; D in 16..256, power of 2), cu_seqlens int32
+    [B+1] (0, ..., T), max_seqlen: Python int >= the longest sequence. fp16/bf16 on GPU; fp32
+    works too (tl.dot then uses TF32 on GPU) and is what the interpreter tests use.
+    scale defaults to D**-0.5. Returns out [T, Hq, D] in q's dtype. The backward uses no
+    atomics, so it is deterministic (no `deterministic` switch is needed).
+    """
+    return VarlenAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, causal, scale)
