@@ -20,6 +20,9 @@ H = 4096 that does not fit in registers, so it is a read-modify-write of global 
 tile: about 2/BLOCK_V bytes per flop, i.e. memory-bound on an H100 by ~3x (estimate, not
 measured). The chunk is bounded by _DX_CHUNK_BYTES (1 GiB: 4096 tokens of a 128k vocab in
 bf16); with more than one chunk, d weight accumulates in fp32.
+Run-to-run bitwise reproducible on one GPU model: no atomics, fixed reduction orders, cuBLAS
+on one stream (torch's deterministic mode additionally wants CUBLAS_WORKSPACE_CONFIG=:4096:8).
+The vocab split count follows the SM count, so another GPU model may differ in the last bits.
 """
 from __future__ import annotations
 

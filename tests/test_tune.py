@@ -23,6 +23,7 @@ def test_two_step_tune_writes_loadable_checkpoint(tmp_path, monkeypatch, embedde
     (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(
         {"prompt": f"Write a word that rhymes with {w}."}) for w in ("cat", "sun", "tree")) + "\n")
     (tmp_path / "tune.yaml").write_text(
+        "model:\n  ops_backend: torch\n"
         "data:\n  train: prompts.jsonl\n"
         "scoring:\n  scorer: python:user_scorer:longer_is_better\n"
         "rollout:\n  n: 3\n  max_tokens: 12\n  dtype: bfloat16\n"
