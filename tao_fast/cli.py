@@ -13,13 +13,15 @@ DEMO = {
     "data.train": "builtin:arithmetic",
     "data.n_eval": 200,
     "rollout.n": 8,
-    "rollout.temperature": 1.0,
-    "rollout.max_tokens": 48,
-    "rollout.dtype": "bfloat16",
-    "eval.max_tokens": 48,
+    # 0.7 rather than 1.0: at 1.0 one sample is right ~3% of the time and 6-7 of 8 groups
+    # carry no signal; at 0.7 about half do (measured in the first demo runs).
+    "rollout.temperature": 0.7,
+    "rollout.max_tokens": 32,
+    "rollout.dtype": "bfloat16",  # sampler copy in bf16: ~2x faster CPU matmuls than fp32
+    "eval.max_tokens": 32,
     "rl.prompts_per_step": 8,
     "rl.lr": 2e-5,
-    "run.steps": 20,
+    "run.steps": 15,
     "run.output_dir": "runs/demo",
 }
 
