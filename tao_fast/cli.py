@@ -19,6 +19,7 @@ DEMO = {
     "rollout.max_tokens": 32,
     "rollout.dtype": "bfloat16",  # sampler copy in bf16: ~2x faster CPU matmuls than fp32
     "eval.max_tokens": 32,
+    "eval.scorer": "arithmetic",  # held-out accuracy is the verifier's, whatever trains
     "rl.prompts_per_step": 8,
     "rl.lr": 2e-5,
     "run.steps": 15,

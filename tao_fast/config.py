@@ -125,6 +125,8 @@ class EvalConfig:
     before: bool = True  # held-out greedy accuracy before tuning
     after: bool = True
     max_tokens: int = 64
+    scorer: str = ""  # held-out scorer; "" = scoring.scorer. The random control trains on coin
+    # flips but must be judged by the task's verifier: its demo sets eval.scorer=arithmetic.
 
     def __post_init__(self):
         _check(self.max_tokens >= 1, "eval.max_tokens", "must be >= 1")

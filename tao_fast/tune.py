@@ -115,6 +115,9 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=()) -> T
     sc = cfg.scoring
     scorer = build_scorer(sc.scorer, seed=cfg.run.seed, failure_value=sc.failure_value,
                           timeout_s=sc.timeout_s, memory_mb=sc.memory_mb)
+    eval_scorer = scorer if not cfg.eval.scorer else build_scorer(
+        cfg.eval.scorer, seed=cfg.run.seed, failure_value=sc.failure_value,
+        timeout_s=sc.timeout_s, memory_mb=sc.memory_mb)
     train, held = load_prompts(cfg)
     from tao_fast.models import load_model
 
@@ -122,11 +125,12 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=()) -> T
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     engine = make_engine(cfg, model, tok)
     log(f"[tao-fast] model {model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-        f"params), {len(train)} training prompts, {len(held)} held-out, scorer {scorer.name}")
+        f"params), {len(train)} training prompts, {len(held)} held-out, scorer {scorer.name}"
+        f" (held-out scored by {eval_scorer.name})")
 
     result = TuneResult(run_dir=run_dir, checkpoint=None)
     if cfg.eval.before:
-        result.eval_before = _eval(cfg, engine, tok, scorer, held, "before", run_dir)
+        result.eval_before = _eval(cfg, engine, tok, eval_scorer, held, "before", run_dir)
 
     learner = Learner(model, cfg.rl, cfg.rollout.temperature, cfg.model.ops_backend,
                       progress=cfg.run.progress)
@@ -193,10 +197,10 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=()) -> T
                 extra={"round": rnd, "steps": learner.steps_done, "base_model": str(model_dir)})
             log(f"[tao-fast] round {rnd}: checkpoint {result.checkpoint}")
             if cfg.eval.after and rnd < cfg.run.rounds:
-                _eval(cfg, engine, tok, scorer, held, f"round{rnd}", run_dir)
+                _eval(cfg, engine, tok, eval_scorer, held, f"round{rnd}", run_dir)
     bar.close()
     if cfg.eval.after:
-        result.eval_after = _eval(cfg, engine, tok, scorer, held, "after", run_dir)
+        result.eval_after = _eval(cfg, engine, tok, eval_scorer, held, "after", run_dir)
     result.wall_seconds = time.perf_counter() - t_start
     write_summary(result, cfg)
     return result
