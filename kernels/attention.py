@@ -59,22 +59,30 @@ def _configs(D: int):
 
 
 @triton.jit
+def _load_kv(k_base, v_base, stride_kt, stride_vt, offs_n, offs_d, L, MASK: tl.constexpr,
+             UPCAST: tl.constexpr):
+    """K and V tiles [BLOCK_N, D] of one kv head; rows at or past L read as 0 when MASK."""
+    k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
+    if MASK:
+        k = tl.load(k_ptrs, mask=offs_n[:, None] < L, other=0.0)  # [BLOCK_N, D]
+        v = tl.load(v_ptrs, mask=offs_n[:, None] < L, other=0.0)  # [BLOCK_N, D]
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n0, offs_d,
                L, lo, hi, qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr,
                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0  # [BLOCK_N]
-        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
-        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
-        if MASK:
-            k = tl.load(k_ptrs, mask=offs_n[:, None] < L, other=0.0)  # [BLOCK_N, D]
-            v = tl.load(v_ptrs, mask=offs_n[:, None] < L, other=0.0)  # [BLOCK_N, D]
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv(k_base, v_base, stride_kt, stride_vt, offs_n, offs_d, L, MASK, UPCAST)
         qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
         if MASK:
             keep = offs_n[None, :] < L
@@ -237,17 +245,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs
               BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0  # [BLOCK_N]
-        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
-        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
-        if MASK:
-            k = tl.load(k_ptrs, mask=offs_n[:, None] < L, other=0.0)  # [BLOCK_N, D]
-            v = tl.load(v_ptrs, mask=offs_n[:, None] < L, other=0.0)  # [BLOCK_N, D]
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv(k_base, v_base, stride_kt, stride_vt, offs_n, offs_d, L, MASK, UPCAST)
         p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])  # [BLOCK_M, BLOCK_N]
         if MASK:
             keep = offs_n[None, :] < L

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "token-sum-norm")
-KL_ESTIMATORS = ("k1", "k3")
+from tao_fast.kernels.reference import check_pg_loss_args
+
 _BLOCK = 1024  # tokens per program; memory-bound elementwise pass (unmeasured on GPU)
 _N_PART = 6    # partial sums per block (see the module docstring)
 
@@ -182,14 +182,7 @@ def pg_loss(logp, old_logp, advantages, mask, *, ref_logp=None, kl_coef: float =
     all one shape and device; mask bool/int/float (float = weights, like the reference).
     Returns (loss [] fp32, stats dict of 0-dim fp32: clip_frac, ratio_mean, ratio_max, kl).
     Gradient flows to logp only (in logp's dtype). See `reference.pg_loss` for every mode."""
-    if agg not in AGG_MODES:
-        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
-    if agg == "token-sum-norm" and not loss_norm:
-        raise ValueError("agg='token-sum-norm' needs loss_norm > 0")
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    check_pg_loss_args(agg, kl_estimator, loss_norm, dual_clip)
     named = dict(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask,
                  ref_logp=ref_logp, sampler_logp=sampler_logp)
     for name, t in named.items():

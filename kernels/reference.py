@@ -61,6 +61,18 @@ AGG_MODES = ("token-mean", "seq-mean-token-mean", "token-sum-norm")
 KL_ESTIMATORS = ("k1", "k3")
 
 
+def check_pg_loss_args(agg: str, kl_estimator: str, loss_norm, dual_clip) -> None:
+    """The option checks every pg_loss implementation shares."""
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    if agg == "token-sum-norm" and not loss_norm:
+        raise ValueError("agg='token-sum-norm' needs loss_norm > 0")
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+
+
 def _seq_ids(shape, cu_seqlens, device):
     """Sequence index of every token: rows for [B, L], cu_seqlens segments for packed [T]."""
     if len(shape) == 2:
@@ -95,12 +107,7 @@ def pg_loss(logp, old_logp, advantages, mask, *, ref_logp=None, kl_coef: float =
     kl (masked mean of the chosen estimator; 0 when no ref_logp), all 0-dim fp32 tensors, with
     no host sync.
     """
-    if agg not in AGG_MODES:
-        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
-    if agg == "token-sum-norm" and not loss_norm:
-        raise ValueError("agg='token-sum-norm' needs loss_norm > 0")
+    check_pg_loss_args(agg, kl_estimator, loss_norm, dual_clip)
     m = mask.to(torch.float32)
     logp32 = logp.float()
     old = old_logp.float().detach()
@@ -112,8 +119,6 @@ def pg_loss(logp, old_logp, advantages, mask, *, ref_logp=None, kl_coef: float =
     pg = torch.maximum(pg1, pg2)
     clipped = (pg2 > pg1).float()
     if dual_clip is not None:
-        if dual_clip <= 1.0:
-            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
         pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
     if sampler_logp is not None:
         w = torch.exp(old - sampler_logp.float().detach())
