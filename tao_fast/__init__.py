@@ -10,7 +10,7 @@ __all__ = ["tune", "evaluate", "load_config", "TaoConfig", "__version__"]
 
 def __getattr__(name):  # lazy: `import tao_fast` stays cheap (no torch) for sandbox workers
     if name == "tune":
-        from tao_fast.tune import tune
+        from tao_fast.tuning import tune
         return tune
     if name == "evaluate":
         from tao_fast.eval import evaluate

@@ -41,7 +41,7 @@ def _overrides_help():
 
 def cmd_demo(args) -> int:
     from tao_fast.config import load_config
-    from tao_fast.tune import tune
+    from tao_fast.tuning import tune
 
     base = dict(DEMO)
     base["scoring.scorer"] = args.scorer
@@ -62,7 +62,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from tao_fast.tune import tune
+    from tao_fast.tuning import tune
 
     res = tune(args.config, args.overrides)
     print(json.dumps({"run_dir": str(res.run_dir), "checkpoint": str(res.checkpoint),

@@ -124,6 +124,13 @@ class Transformer(nn.Module):
         self.ops_backend = "auto"  # for tao_fast.ops; the trainer sets it from the config
         self.gradient_checkpointing = False
 
+    def _apply(self, fn, *args, **kwargs):
+        """.to() / .cuda() / .bfloat16() keep the rotary frequencies in fp32, recomputed:
+        rounded to bf16 they are off by up to 0.33%, 2.8 rad of angle at position 2000."""
+        out = super()._apply(fn, *args, **kwargs)
+        self.inv_freq = rope_inv_freq(self.args).to(self.inv_freq.device)
+        return out
+
     @property
     def output_weight(self) -> torch.Tensor:
         """[V, H]: lm_head weight, or the embedding when tied."""

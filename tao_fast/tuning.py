@@ -75,7 +75,6 @@ def make_engine(cfg: TaoConfig, model, tokenizer):
     sampler = model
     if _DTYPES[cfg.rollout.dtype] != model.embed_tokens.weight.dtype:
         sampler = copy.deepcopy(model).to(_DTYPES[cfg.rollout.dtype]).requires_grad_(False)
-        sampler.inv_freq = model.inv_freq.clone()
     return TorchEngine(sampler, tokenizer, max_batch_rows=cfg.rollout.max_batch_rows)
 
 
