@@ -12,34 +12,13 @@ import pytest
 triton = pytest.importorskip("triton")
 
 import torch  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 from tao_fast import ops  # noqa: E402
 from tao_fast.kernels import attention as attn  # noqa: E402
 
 
-@triton.jit
-def _loop_bound_probe(X, OUT):
-    acc = 0.0
-    for _ in range(0, tl.load(X)):  # loop bound read from memory, as the kernels do
-        acc += 1.0
-    tl.store(OUT, acc)
-
-
-def _interpreter_takes_loaded_loop_bounds() -> bool:
-    # Triton 3.6's interpreter does int(ndarray of shape (1,)), which numpy >= 2.4 refuses
-    # (fixed by 3.9's .squeeze()); the compiled GPU path is unaffected.
-    try:
-        out = torch.zeros(1)
-        _loop_bound_probe[(1,)](torch.tensor([3], dtype=torch.int32), out)
-        return out.item() == 3.0
-    except Exception:  # triton.runtime.errors.InterpreterError
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _interpreter_takes_loaded_loop_bounds(),
-                                reason=f"Triton {triton.__version__} interpreter cannot run "
-                                       "loops with bounds loaded from memory on this numpy")
+_SKIP = attn.interpreter_unsupported_reason()
+pytestmark = pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))
 
 
 def _cu(lens):

@@ -34,24 +34,9 @@ def _triton_reason():
     """None when the Triton path can run here, else why not."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    import triton
-    import triton.language as tl
+    from tao_fast.kernels.attention import interpreter_unsupported_reason
 
-    @triton.jit
-    def probe(X, OUT):
-        acc = 0.0
-        for _ in range(0, tl.load(X)):  # loop bound read from memory, as the attention does
-            acc += 1.0
-        tl.store(OUT, acc)
-
-    try:  # Triton 3.6's interpreter cannot do this with numpy >= 2.4 (see test_attention)
-        out = torch.zeros(1)
-        probe[(1,)](torch.tensor([3], dtype=torch.int32), out)
-        if out.item() == 3.0:
-            return None
-    except Exception:  # noqa: BLE001 (triton.runtime.errors.InterpreterError)
-        pass
-    return f"Triton {triton.__version__} interpreter cannot run loops with loaded bounds here"
+    return interpreter_unsupported_reason()
 
 
 def _model():
