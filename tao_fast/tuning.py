@@ -112,11 +112,13 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=()) -> T
     torch.manual_seed(cfg.run.seed)
 
     sc = cfg.scoring
-    scorer = build_scorer(sc.scorer, seed=cfg.run.seed, failure_value=sc.failure_value,
-                          timeout_s=sc.timeout_s, memory_mb=sc.memory_mb)
-    eval_scorer = scorer if not cfg.eval.scorer else build_scorer(
-        cfg.eval.scorer, seed=cfg.run.seed, failure_value=sc.failure_value,
-        timeout_s=sc.timeout_s, memory_mb=sc.memory_mb)
+
+    def make_scorer(spec: str):
+        return build_scorer(spec, seed=cfg.run.seed, failure_value=sc.failure_value,
+                            timeout_s=sc.timeout_s, memory_mb=sc.memory_mb)
+
+    scorer = make_scorer(sc.scorer)
+    eval_scorer = make_scorer(cfg.eval.scorer) if cfg.eval.scorer else scorer
     train, held = load_prompts(cfg)
     from tao_fast.models import load_model
 
@@ -213,17 +215,20 @@ def sparkline(values: list[float]) -> str:
     return "".join(bars[0 if hi == lo else int((v - lo) / (hi - lo) * 7)] for v in values)
 
 
+def _eval_fields(res: EvalResult | None) -> dict | None:
+    if res is None:
+        return None
+    return {k: getattr(res, k) for k in ("n", "accuracy", "ci_low", "ci_high", "mean_score",
+                                         "mean_response_tokens")}
+
+
 def write_summary(res: TuneResult, cfg: TaoConfig) -> None:
     curve = [m["reward_mean"] for m in res.metrics]
     summary = {
         "wall_seconds": res.wall_seconds, "checkpoint": str(res.checkpoint or ""),
         "scorer": cfg.scoring.scorer, "steps": len(res.metrics), "reward_curve": curve,
-        "before": None if res.eval_before is None else
-        {k: getattr(res.eval_before, k) for k in ("n", "accuracy", "ci_low", "ci_high",
-                                                  "mean_score", "mean_response_tokens")},
-        "after": None if res.eval_after is None else
-        {k: getattr(res.eval_after, k) for k in ("n", "accuracy", "ci_low", "ci_high",
-                                                 "mean_score", "mean_response_tokens")},
+        "before": _eval_fields(res.eval_before),
+        "after": _eval_fields(res.eval_after),
     }
     atomic_write_text(res.run_dir / "summary.json", json.dumps(summary, indent=1))
     lines = [f"# tao-fast run: {res.run_dir}", "",

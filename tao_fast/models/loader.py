@@ -77,13 +77,18 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def _converted(gguf: Path, out: Path) -> Path:
+    """The cached HF directory of a GGUF file, converting it the first time."""
+    return out if (out / "config.json").exists() else convert_gguf(gguf, out)
+
+
 def resolve_model_path(spec: str) -> Path:
     """'embedded[:name]', an HF safetensors directory, or a .gguf file -> HF safetensors dir."""
     if spec == "embedded" or spec.startswith("embedded:"):
         name = spec.partition(":")[2] or "smollm2-135m-instruct"
         gguf = embedded_gguf(name)
         out = cache_root() / "models" / name
-        return out if (out / "config.json").exists() else convert_gguf(gguf, out)
+        return _converted(gguf, out)
     p = Path(spec).expanduser()
     if p.suffix == ".gguf":
         if not p.exists():
@@ -91,7 +96,7 @@ def resolve_model_path(spec: str) -> Path:
         st = p.stat()
         key = hashlib.sha1(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
         out = cache_root() / "models" / f"{p.stem}-{key}"
-        return out if (out / "config.json").exists() else convert_gguf(p, out)
+        return _converted(p, out)
     if p.suffix in _PICKLE_SUFFIXES:
         raise ValueError(f"{p}: pickle checkpoints are not loaded (they can run code); "
                          f"convert to safetensors first")

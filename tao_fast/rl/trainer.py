@@ -67,8 +67,7 @@ class Learner:
         if temperature <= 0:
             raise ValueError("training needs sampled rollouts: rollout.temperature must be > 0")
         self.model, self.cfg, self.temperature = model, cfg, temperature
-        self.model.ops_backend = ops_backend
-        self.backend = ops_backend
+        self.model.ops_backend = ops_backend  # attention; the loss ops read it from here too
         self.progress = progress
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                      weight_decay=cfg.weight_decay, eps=1e-8)
@@ -80,7 +79,7 @@ class Learner:
     def _logprobs(self, model, batch, targets):
         hidden = model(batch.input_ids, batch.positions, batch.cu_seqlens, batch.max_seqlen)
         return ops.linear_logprob(hidden, model.output_weight, targets,
-                                  temperature=self.temperature, backend=self.backend)  # [T]
+                                  temperature=self.temperature, backend=model.ops_backend)  # [T]
 
     def step(self, samples: list[Sample]) -> dict:
         """One optimizer step over `samples`; returns host-side statistics."""
@@ -120,7 +119,7 @@ class Learner:
                 logp, logp.detach(), adv, mask, ref_logp=ref_lp, kl_coef=cfg.kl_coef,
                 kl_estimator=cfg.kl_estimator, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                 sampler_logp=sampler_lp, tis_cap=cfg.tis_cap, agg=agg.agg,
-                loss_norm=agg.loss_norm, cu_seqlens=batch.cu_seqlens, backend=self.backend)
+                loss_norm=agg.loss_norm, cu_seqlens=batch.cu_seqlens, backend=model.ops_backend)
             (loss * agg.weight).backward()
             with torch.no_grad():
                 frac = sum(s.num_response_tokens for s in mb) / max(n_counted, 1)  # host count
