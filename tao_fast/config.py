@@ -80,10 +80,13 @@ class RolloutConfig:
 
 @dataclass
 class ScoringConfig:
-    scorer: str = "arithmetic"  # arithmetic | random | python:module:function
+    # a scorer name (arithmetic | random | consensus | json | code | sql | ...), a user function
+    # "python:module:function", or a mapping {type: ..., options} such as a weighted/gated mix;
+    # see tao_fast/scoring/__init__.py and the README's scorer table
+    scorer: str | dict = "arithmetic"
     failure_value: float = 0.0  # reward of a candidate whose scoring failed
-    timeout_s: float = 60.0  # sandboxed user functions: wall-clock limit per batch
-    memory_mb: int = 2048  # sandboxed user functions: address-space limit
+    timeout_s: float = 60.0  # sandboxed scorers (user functions, code, SQL): wall-clock limit
+    memory_mb: int = 2048  # sandboxed scorers: address-space limit
 
     def __post_init__(self):
         _check(bool(self.scorer), "scoring.scorer", "must not be empty")
@@ -125,7 +128,7 @@ class EvalConfig:
     before: bool = True  # held-out greedy accuracy before tuning
     after: bool = True
     max_tokens: int = 64
-    scorer: str = ""  # held-out scorer; "" = scoring.scorer. The random control trains on coin
+    scorer: str | dict = ""  # held-out scorer; "" = scoring.scorer. The random control trains on coin
     # flips but must be judged by the task's verifier: its demo sets eval.scorer=arithmetic.
 
     def __post_init__(self):
@@ -188,6 +191,8 @@ def _coerce(value, tp, key: str):
         return value
     if tp is str and isinstance(value, str):
         return value
+    if tp is dict and isinstance(value, dict):
+        return value
     raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r} "
                       f"({type(value).__name__})")
 
@@ -231,8 +236,8 @@ def parse_override(item: str) -> tuple[str, object]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, (dict, list)):
-        value = raw  # a string such as "[x]" stays a string
+    if isinstance(value, list):
+        value = raw  # a string such as "[x]" stays a string; a mapping ({type: ...}) stays one
     return key.strip(), value
 
 

@@ -46,7 +46,7 @@ def recs(*qs):
 def test_module_and_file_specs(user_file):
     for spec in ("python:my_scorers:length", f"python:{user_file / 'my_scorers.py'}:length"):
         res = build_scorer(spec).score(recs("a"), [["xy", "xyz"]])
-        assert res.rewards == [[2.0, 3.0]] and res.failures == 0
+        assert res.rewards == [[2.0, 3.0]] and res.num_failures == 0
     res = build_scorer("python:my_scorers:chatty").score(recs("a"), [["x"]])
     assert res.rewards == [[0.5]]
 
@@ -54,17 +54,17 @@ def test_module_and_file_specs(user_file):
 def test_errors_get_the_failure_value(user_file):
     s = build_scorer("python:my_scorers:picky", failure_value=-1.0)
     res = s.score(recs("fine", "boom"), [["a", "b"], ["c", "d"]])
-    assert res.rewards == [[1.0, 1.0], [-1.0, -1.0]] and res.failures == 2
+    assert res.rewards == [[1.0, 1.0], [-1.0, -1.0]] and res.num_failures == 2
     assert "boom" in res.details[1][0]["error"]
     res = build_scorer("python:my_scorers:wrong_count").score(recs("a"), [["x", "y"]])
-    assert res.failures == 2 and "returned 1 rewards" in res.details[0][0]["error"]
+    assert res.num_failures == 2 and "returned 1 rewards" in res.details[0][0]["error"]
 
 
 def test_hang_and_memory_are_contained(user_file):
     res = build_scorer("python:my_scorers:hang", timeout_s=2).score(recs("a"), [["x"]])
     assert res.rewards == [[0.0]] and "timed out" in res.details[0][0]["error"]
     res = build_scorer("python:my_scorers:hog", memory_mb=512).score(recs("a"), [["x"]])
-    assert res.failures == 1 and "MemoryError" in res.details[0][0]["error"]
+    assert res.num_failures == 1 and "MemoryError" in res.details[0][0]["error"]
 
 
 def test_bad_specs_fail_before_generation(user_file):

@@ -1,30 +1,82 @@
-"""Scorers give every candidate a number. `build_scorer(spec)` turns a config string into one.
+"""Scorers give every candidate a number. `build_scorer(spec)` turns a config value into one.
 
-Specs: "arithmetic" (prompt-only verifier of the built-in task), "random" (the control: rewards
-that carry no information), "python:module:function" or "python:path/to/file.py:function" (a
-user's function `f(prompt: str, candidates: list[str]) -> list[float]`, run in a sandboxed
-subprocess with CPU-time, memory and wall-clock limits).
+A spec is a string shorthand or a mapping with a `type` and that scorer's options:
+
+    "arithmetic"                      prompt-only verifier of the built-in task
+    "random"                          the control: rewards that carry no information
+    "python:module:function"          a user's f(prompt, candidates) -> list[float], sandboxed
+    {"type": "regex", "pattern": "^Answer: \\d+$"}            rules (tao_fast.scoring.rules)
+    {"type": "consensus", "extract": "last_number"}           majority vote (label-free)
+    {"type": "code"} / {"type": "sql"}                        execution verifiers, sandboxed
+    {"type": "reward_model", "path": "dir"}                   sequence-classification model
+    {"type": "judge", "mode": "pointwise"}                    LLM judge over an Engine
+    {"type": "mix", "parts": [{"scorer": ..., "weight": 1, "gate": false}, ...]}
+
+Every scorer scores a whole batch at once. A candidate whose scoring fails gets the failure
+value and an "error" in its details; `ScoreResult.failures` counts them per scorer name so
+the run's metrics can report them. Bad specs raise ConfigError here, before any generation;
+`Scorer.check(prompts)` (optional) checks what depends on the prompt records, e.g. that every
+database a SQL prompt names exists.
 """
 from __future__ import annotations
 
+import inspect
 import random
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
 
+from tao_fast.config import ConfigError
 from tao_fast.data.prompts import PromptRecord
 
 
 @dataclass
 class ScoreResult:
     rewards: list[list[float]]  # [P][N]
-    details: list[list[dict]] = field(default_factory=list)  # [P][N]: what the scorer saw
-    failures: int = 0  # candidates whose scoring raised; they got the failure value
+    details: list[list[dict]] = field(default_factory=list)  # [P][N]; failed ones hold "error"
+    failures: dict[str, int] = field(default_factory=dict)  # scorer name -> failed candidates
+    stats: dict[str, float] = field(default_factory=dict)  # e.g. "consensus/majority_rate"
+
+    @property
+    def num_failures(self) -> int:
+        return sum(self.failures.values())
 
 
 class Scorer(Protocol):
     name: str
 
-    def score(self, prompts: Sequence[PromptRecord], candidates: Sequence[Sequence[str]]) -> ScoreResult: ...
+    def score(self, prompts: Sequence[PromptRecord],
+              candidates: Sequence[Sequence[str]]) -> ScoreResult: ...
+
+
+def score_each(name: str, fn: Callable[[PromptRecord, str], tuple[float, dict]], prompts,
+               candidates, failure_value: float = 0.0) -> ScoreResult:
+    """Score candidate by candidate with fn(record, text) -> (reward, details); an exception
+    on one candidate gives it `failure_value` and records the error, the rest go on."""
+    rewards, details, failed = [], [], 0
+    for rec, group in zip(prompts, candidates, strict=True):
+        rs, ds = [], []
+        for text in group:
+            try:
+                r, d = fn(rec, text)
+                r = float(r)
+                if r != r or r in (float("inf"), float("-inf")):
+                    raise ValueError(f"non-finite reward {r}")
+            except Exception as e:  # noqa: BLE001 - recorded on the candidate
+                failed += 1
+                r, d = failure_value, {"error": f"{type(e).__name__}: {e}"}
+            rs.append(r)
+            ds.append(d)
+        rewards.append(rs)
+        details.append(ds)
+    return ScoreResult(rewards, details, {name: failed} if failed else {})
+
+
+def failed_batch(name: str, candidates, failure_value: float, error: str) -> ScoreResult:
+    """Every candidate failed (e.g. the sandbox died): failure value, the error kept on each."""
+    n = sum(map(len, candidates))
+    return ScoreResult([[failure_value] * len(c) for c in candidates],
+                       [[{"error": error} for _ in c] for c in candidates], {name: n})
 
 
 class RandomScorer:
@@ -40,19 +92,93 @@ class RandomScorer:
         return ScoreResult(rewards, [[{} for _ in g] for g in candidates])
 
 
-def build_scorer(spec: str, *, seed: int = 0, failure_value: float = 0.0,
-                 timeout_s: float = 60.0, memory_mb: int = 2048) -> Scorer:
-    """Scorer from its config string; bad specs fail here, before any generation."""
-    if spec == "arithmetic":
-        from tao_fast.scoring.arithmetic import ArithmeticVerifier
+@dataclass
+class ScorerContext:
+    """What a scorer may need from the run, beyond its own options."""
+    seed: int = 0
+    failure_value: float = 0.0
+    timeout_s: float = 60.0  # sandboxed scorers: wall-clock limit of one batch / one candidate
+    memory_mb: int = 2048  # sandboxed scorers: address-space limit
+    base_dir: Path = field(default_factory=Path.cwd)  # relative paths (databases, tests, models)
+    # judge: () -> (engine, tokenizer) of the policy being tuned, when the judge uses it
+    policy_engine: Callable[[], tuple[Any, Any]] | None = None
 
-        return ArithmeticVerifier()
-    if spec == "random":
-        return RandomScorer(seed)
-    if spec.startswith("python:"):
-        from tao_fast.scoring.python_fn import PythonFunctionScorer
 
-        return PythonFunctionScorer(spec, failure_value=failure_value, timeout_s=timeout_s,
-                                    memory_mb=memory_mb)
-    raise ValueError(f"unknown scorer {spec!r}: use 'arithmetic', 'random' or "
-                     f"'python:module:function'")
+def _factories() -> dict[str, Callable]:
+    from tao_fast.scoring import rules
+    from tao_fast.scoring.arithmetic import ArithmeticVerifier
+
+    def lazy(module: str, cls: str):
+        def make(**kw):
+            import importlib
+
+            return getattr(importlib.import_module(f"tao_fast.scoring.{module}"), cls)(**kw)
+        make.target = (f"tao_fast.scoring.{module}", cls)
+        return make
+
+    return {
+        "arithmetic": ArithmeticVerifier, "random": RandomScorer,
+        "python": lazy("python_fn", "PythonFunctionScorer"),
+        "regex": rules.RegexScorer, "exact": rules.ExactScorer, "numeric": rules.NumericScorer,
+        "json": rules.JsonScorer, "json_schema": rules.JsonSchemaScorer,
+        "length": rules.LengthScorer, "phrases": rules.PhraseScorer,
+        "consensus": lazy("consensus", "ConsensusScorer"),
+        "code": lazy("code_exec", "CodeExecScorer"), "sql": lazy("sql_exec", "SqlExecScorer"),
+        "reward_model": lazy("reward_model", "RewardModelScorer"),
+        "judge": lazy("judge", "JudgeScorer"), "mix": lazy("mix", "MixScorer"),
+    }
+
+
+def _signature(make) -> inspect.Signature:
+    if hasattr(make, "target"):
+        import importlib
+
+        mod, cls = make.target
+        make = getattr(importlib.import_module(mod), cls)
+    return inspect.signature(make)
+
+
+# Options every scorer may take from the context when its constructor names them.
+_CONTEXT_KEYS = ("seed", "failure_value", "timeout_s", "memory_mb", "base_dir", "policy_engine")
+
+
+def build_scorer(spec, ctx: ScorerContext | None = None, *, where: str = "scoring.scorer",
+                 **ctx_kw) -> Scorer:
+    """Scorer from its spec (string shorthand or mapping with `type`); errors name `where`.
+
+    ctx_kw: ScorerContext fields (seed, failure_value, timeout_s, memory_mb, base_dir, ...)."""
+    ctx = ctx or ScorerContext(**ctx_kw)
+    if isinstance(spec, str):
+        if spec.startswith("python:"):
+            spec = {"type": "python", "spec": spec}
+        else:
+            spec = {"type": spec}
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+        raise ConfigError(f"{where}: expected a scorer name or a mapping with a 'type', "
+                          f"got {spec!r}")
+    factories = _factories()
+    kind = spec["type"]
+    if kind not in factories:
+        raise ConfigError(f"{where}: unknown scorer {kind!r} (known: {sorted(factories)}; "
+                          f"a user function is 'python:module:function')")
+    make = factories[kind]
+    params = _signature(make).parameters
+    opts = {k: v for k, v in spec.items() if k != "type"}
+    unknown = sorted(set(opts) - set(params))
+    if unknown:
+        known = sorted(k for k in params if k not in _CONTEXT_KEYS + ("ctx", "where"))
+        raise ConfigError(f"{where}: scorer {kind!r} has no option {unknown[0]!r} "
+                          f"(options: {known})")
+    for k in _CONTEXT_KEYS:
+        if k in params and k not in opts:
+            opts[k] = getattr(ctx, k)
+    if "ctx" in params:
+        opts["ctx"] = ctx
+    if "where" in params:
+        opts["where"] = where
+    try:
+        return make(**opts)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        raise ConfigError(f"{where}: {kind}: {e}") from None

@@ -16,7 +16,7 @@ import resource
 import subprocess
 import sys
 
-from tao_fast.scoring import ScoreResult
+from tao_fast.scoring import ScoreResult, failed_batch
 
 
 def _limits(cpu_s: int, mem_mb: int):
@@ -63,10 +63,7 @@ class PythonFunctionScorer:
             out = self._run({"items": [{"prompt": p.text, "candidates": list(c)}
                                        for p, c in zip(prompts, candidates)]})
         except (RuntimeError, ValueError) as e:
-            err = str(e)
-            return ScoreResult([[self.failure_value] * len(c) for c in candidates],
-                               [[{"error": err} for _ in c] for c in candidates],
-                               failures=sum(map(len, candidates)))
+            return failed_batch(self.name, candidates, self.failure_value, str(e))
         rewards, details, failures = [], [], 0
         for res, group in zip(out["results"], candidates):
             if "error" in res:
@@ -76,4 +73,4 @@ class PythonFunctionScorer:
             else:
                 rewards.append(res["rewards"])
                 details.append([{} for _ in group])
-        return ScoreResult(rewards, details, failures)
+        return ScoreResult(rewards, details, {self.name: failures} if failures else {})
