@@ -30,7 +30,7 @@ from tao_fast.eval import EvalResult, evaluate
 from tao_fast.rl.advantages import group_advantages
 from tao_fast.rl.trainer import Learner, samples_from_rollouts
 from tao_fast.rollout import SamplingParams
-from tao_fast.scoring import build_scorer
+from tao_fast.scoring import ScorerContext, build_scorer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -112,19 +112,23 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=()) -> T
     torch.manual_seed(cfg.run.seed)
 
     sc = cfg.scoring
-
-    def make_scorer(spec: str):
-        return build_scorer(spec, seed=cfg.run.seed, failure_value=sc.failure_value,
-                            timeout_s=sc.timeout_s, memory_mb=sc.memory_mb)
-
-    scorer = make_scorer(sc.scorer)
-    eval_scorer = make_scorer(cfg.eval.scorer) if cfg.eval.scorer else scorer
+    policy: dict = {}  # the judge may score with the policy's own engine, made below
+    ctx = ScorerContext(seed=cfg.run.seed, failure_value=sc.failure_value, timeout_s=sc.timeout_s,
+                        memory_mb=sc.memory_mb, base_dir=Path.cwd(),
+                        policy_engine=lambda: (policy["engine"], policy["tokenizer"]))
+    scorer = build_scorer(sc.scorer, ctx, where="scoring.scorer")
+    eval_scorer = build_scorer(cfg.eval.scorer, ctx, where="eval.scorer") \
+        if cfg.eval.scorer else scorer
     train, held = load_prompts(cfg)
+    for s, recs in ((scorer, train), (eval_scorer, held)):  # e.g. every SQL prompt's database
+        if hasattr(s, "check") and recs:
+            s.check(recs)
     from tao_fast.models import load_model
 
     model, tok, model_dir = load_model(cfg.model.path, dtype=_DTYPES[cfg.model.dtype])
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     engine = make_engine(cfg, model, tok)
+    policy.update(engine=engine, tokenizer=tok)
     log(f"[tao-fast] model {model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
         f"params), {len(train)} training prompts, {len(held)} held-out, scorer {scorer.name}"
         f" (held-out scored by {eval_scorer.name})")
@@ -174,7 +178,9 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=()) -> T
                      "reward_std": (sum((r - mean) ** 2 for r in flat) / len(flat)) ** 0.5,
                      "zero_signal_groups": signal.count(False),
                      "zero_signal_frac": signal.count(False) / len(signal),
-                     "score_failures": scores.failures,
+                     "score_failures": scores.num_failures,
+                     **{f"score_failures/{k}": v for k, v in scores.failures.items()},
+                     **scores.stats,
                      "response_tokens_mean": rollouts.num_tokens / len(flat),
                      "gen_tokens": rollouts.stats["tokens"],
                      "gen_tokens_per_s": rollouts.stats["tokens_per_s"],

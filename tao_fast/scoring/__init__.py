@@ -21,6 +21,7 @@ database a SQL prompt names exists.
 from __future__ import annotations
 
 import inspect
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +61,7 @@ def score_each(name: str, fn: Callable[[PromptRecord, str], tuple[float, dict]],
             try:
                 r, d = fn(rec, text)
                 r = float(r)
-                if r != r or r in (float("inf"), float("-inf")):
+                if not math.isfinite(r):
                     raise ValueError(f"non-finite reward {r}")
             except Exception as e:  # noqa: BLE001 - recorded on the candidate
                 failed += 1
@@ -169,6 +170,11 @@ def build_scorer(spec, ctx: ScorerContext | None = None, *, where: str = "scorin
         known = sorted(k for k in params if k not in _CONTEXT_KEYS + ("ctx", "where"))
         raise ConfigError(f"{where}: scorer {kind!r} has no option {unknown[0]!r} "
                           f"(options: {known})")
+    missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty
+               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               and k not in opts and k not in _CONTEXT_KEYS + ("ctx", "where")]
+    if missing:
+        raise ConfigError(f"{where}: scorer {kind!r} needs the option {missing[0]!r}")
     for k in _CONTEXT_KEYS:
         if k in params and k not in opts:
             opts[k] = getattr(ctx, k)
