@@ -15,6 +15,10 @@ class ConfigError(ValueError):
     """A bad key or value; the message names it (and the file, when there is one)."""
 
 
+class ResumeError(RuntimeError):
+    """A run directory that cannot be resumed; the message says why."""
+
+
 def _check(cond: bool, key: str, msg: str):
     if not cond:
         raise ConfigError(f"{key}: {msg}")
@@ -38,7 +42,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = "builtin:arithmetic"  # builtin:arithmetic or a JSONL file of prompts
+    # builtin:arithmetic, a JSONL prompt file, or a directory of them (each round adds the
+    # files that appeared since the last one; heldout*.jsonl files are skipped)
+    train: str = "builtin:arithmetic"
     eval: str = ""  # JSONL of held-out prompts; "" = the builtin task's held-out split, or none
     n_train: int = 1024  # builtin task: training prompts
     n_eval: int = 200  # builtin task: held-out prompts (seeds disjoint from training)
@@ -46,11 +52,14 @@ class DataConfig:
     digits: int = 2
     words: float = 0.0  # builtin task: fraction of questions written in words
     system_prompt: str = ""  # "" = the chat template's default
+    replay_frac: float = 0.25  # share of a round's prompts replayed from earlier rounds
 
     def __post_init__(self):
         _check(self.n_train >= 1, "data.n_train", f"must be >= 1, got {self.n_train}")
         _check(self.n_eval >= 0, "data.n_eval", f"must be >= 0, got {self.n_eval}")
         _check(0.0 <= self.words <= 1.0, "data.words", f"must be in [0, 1], got {self.words}")
+        _check(0.0 <= self.replay_frac < 1.0, "data.replay_frac",
+               f"must be in [0, 1), got {self.replay_frac}")
         _check(1 <= self.digits <= 3, "data.digits", f"must be 1..3, got {self.digits}")
         _check(bool(self.ops) and not set(self.ops) - set("+-"), "data.ops",
                f"must be made of '+' and '-', got {self.ops!r}")
@@ -108,6 +117,7 @@ class RLConfig:
     prompts_per_step: int = 8
     micro_batch_tokens: int = 4096  # token budget of one forward/backward
     std_normalize: bool = True  # GRPO divides advantages by the group's std; Dr.GRPO doesn't
+    warmup_steps: int = 0  # linear learning-rate warm-up, then constant
 
     def __post_init__(self):
         _one_of(self.algorithm, ("grpo", "dr-grpo", "rloo"), "rl.algorithm")
@@ -121,6 +131,7 @@ class RLConfig:
         _check(self.tis_cap >= 1, "rl.tis_cap", f"must be >= 1, got {self.tis_cap}")
         _check(self.prompts_per_step >= 1, "rl.prompts_per_step", "must be >= 1")
         _check(self.micro_batch_tokens >= 16, "rl.micro_batch_tokens", "must be >= 16")
+        _check(self.warmup_steps >= 0, "rl.warmup_steps", "must be >= 0")
 
 
 @dataclass
@@ -142,12 +153,14 @@ class RunConfig:
     output_dir: str = "runs/tao"
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    save_every: int = 10  # steps between resumable training states (0 = at round ends only)
     progress: bool = True
 
     def __post_init__(self):
         _check(self.steps >= 0, "run.steps", f"must be >= 0, got {self.steps}")
         _check(self.rounds >= 1, "run.rounds", f"must be >= 1, got {self.rounds}")
         _check(self.threads >= 0, "run.threads", "must be >= 0")
+        _check(self.save_every >= 0, "run.save_every", "must be >= 0")
 
 
 @dataclass

@@ -39,7 +39,13 @@ class EvalResult:
                 f"{self.mean_response_tokens:.1f} tokens/response")
 
     def save(self, path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=1))
+        from tao_fast.checkpoint import atomic_write_text
+
+        atomic_write_text(path, json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path) -> "EvalResult":
+        return cls(**json.loads(Path(path).read_text()))
 
 
 def _as_records(prompts) -> list[PromptRecord]:

@@ -11,9 +11,11 @@ The run directory holds config.yaml, metrics.jsonl, eval_*.json, summary.json/.m
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,11 +25,13 @@ import torch
 from tqdm.auto import tqdm
 
 from tao_fast.checkpoint import atomic_write_text, save_checkpoint
-from tao_fast.config import ConfigError, TaoConfig, load_config, save_config
+from tao_fast.config import ConfigError, ResumeError, TaoConfig, load_config, save_config
 from tao_fast.data import arithmetic_split, read_jsonl
+from tao_fast.data.rounds import discover, plan_round, pool_from_manifest, read_manifest
 from tao_fast.data.prompts import encode_prompt
 from tao_fast.eval import EvalResult, evaluate
 from tao_fast.rl.advantages import group_advantages
+from tao_fast.rl.state import estimate_bytes, latest_state, load_state, save_state
 from tao_fast.rl.trainer import Learner, samples_from_rollouts
 from tao_fast.rollout import SamplingParams
 from tao_fast.scoring import ScorerContext, build_scorer
@@ -50,7 +54,8 @@ def log(msg: str) -> None:
 
 
 def load_prompts(cfg: TaoConfig):
-    """(train, held-out) prompt records; the builtin task's two sets share no question."""
+    """(train, held-out) prompt records; the builtin task's two sets share no question.
+    For a JSONL file or directory, train is every prompt there now (rounds take it in parts)."""
     d = cfg.data
     if d.train == "builtin:arithmetic":
         train, held = arithmetic_split(d.n_train, d.n_eval, cfg.run.seed, ops=d.ops,
@@ -58,7 +63,7 @@ def load_prompts(cfg: TaoConfig):
     elif d.train.startswith("builtin:"):
         raise ConfigError(f"data.train: unknown builtin task {d.train!r} (builtin:arithmetic)")
     else:
-        train, held = read_jsonl(d.train), []
+        train, held = [r for f in discover(d.train) for r in read_jsonl(f)], []
     if d.eval:
         held = read_jsonl(d.eval)
     return train, held
@@ -88,6 +93,21 @@ def _check_writable(run_dir: Path) -> None:
         raise ConfigError(f"run.output_dir: cannot write to {run_dir}: {e.strerror}") from None
 
 
+def _check_space(run_dir: Path, model) -> None:
+    """Before a round's work: room for a training state and a checkpoint, or a clear error now
+    rather than a failed save after the round's compute is spent."""
+    need = estimate_bytes(model) + estimate_bytes(model) // 3
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"{run_dir} has {free >> 20} MiB free; a training state and "
+                      f"a checkpoint need about {need >> 20} MiB: free some space, or resume "
+                      f"later with `tao-fast tune --resume {run_dir}`")
+
+
+def _write_lines(path: Path, lines: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(x) + "\n" for x in lines))
+
+
 def _eval(cfg, engine, tokenizer, scorer, prompts, name, run_dir) -> EvalResult | None:
     if not prompts:
         return None
@@ -100,11 +120,24 @@ def _eval(cfg, engine, tokenizer, scorer, prompts, name, run_dir) -> EvalResult 
     return res
 
 
-def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=()) -> TuneResult:
-    """Run TAO. config: a TaoConfig, or a YAML/TOML path (with key=value overrides)."""
+def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
+         resume: str | os.PathLike | None = None) -> TuneResult:
+    """Run TAO. config: a TaoConfig, or a YAML/TOML path (with key=value overrides).
+    resume: a run directory to continue (its config.yaml, then `overrides`, e.g. run.rounds=3
+    to add rounds that pick up the prompt files that arrived since)."""
     t_start = time.perf_counter()
-    cfg = config if isinstance(config, TaoConfig) else load_config(config, overrides)
-    run_dir = Path(cfg.run.output_dir).resolve()
+    if resume is not None:
+        run_dir = Path(resume).resolve()
+        if not (run_dir / "config.yaml").exists():
+            raise ResumeError(f"--resume {run_dir}: no config.yaml there (not a tao-fast run)")
+        cfg = load_config(run_dir / "config.yaml", overrides)
+        cfg.run.output_dir = str(run_dir)
+    else:
+        cfg = config if isinstance(config, TaoConfig) else load_config(config, overrides)
+        run_dir = Path(cfg.run.output_dir).resolve()
+        if (run_dir / "state" / "latest").exists():
+            raise ConfigError(f"run.output_dir: {run_dir} already holds a run; continue it with "
+                              f"`tao-fast tune --resume {run_dir}` or choose another directory")
     _check_writable(run_dir)
     save_config(cfg, run_dir / "config.yaml")
     if cfg.run.threads:
@@ -123,88 +156,146 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=()) -> T
     for s, recs in ((scorer, train), (eval_scorer, held)):  # e.g. every SQL prompt's database
         if hasattr(s, "check") and recs:
             s.check(recs)
+    builtin = train if cfg.data.train.startswith("builtin:") else None
     from tao_fast.models import load_model
 
     model, tok, model_dir = load_model(cfg.model.path, dtype=_DTYPES[cfg.model.dtype])
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
-    engine = make_engine(cfg, model, tok)
+    learner = Learner(model, cfg.rl, cfg.rollout.temperature, cfg.model.ops_backend,
+                      progress=cfg.run.progress)
+    rng = random.Random(cfg.run.seed)
+    result = TuneResult(run_dir=run_dir, checkpoint=None)
+    metrics_path, manifest = run_dir / "metrics.jsonl", read_manifest(run_dir)
+    state_dir = latest_state(run_dir) if resume is not None else None
+    rnd, step, order, pool = 1, 1, [], None  # where to start: round, step, data position
+    if state_dir is not None:  # weights, optimizer, scheduler, RNG, data position
+        st = load_state(state_dir, model, learner.opt, learner.sched)
+        learner.steps_done = st["learner_steps"]
+        v, internal, gauss = st["python_rng"]
+        rng.setstate((v, tuple(internal), gauss))
+        rnd, step, order = st["round"], st["step"] + 1, st["order"]
+        if step > cfg.run.steps:  # the state was saved at the end of its round
+            rnd, step, order = rnd + 1, 1, []
+        else:
+            pool = pool_from_manifest(manifest[rnd - 1], cfg.data.train, builtin)
+        old = [json.loads(x) for x in metrics_path.read_text().splitlines()[:st["metrics_lines"]]]
+        _write_lines(metrics_path, old)  # steps after the state are redone
+        result.metrics = old
+        result.checkpoint = Path(st["checkpoint"]) if st.get("checkpoint") else None
+        log(f"[tao-fast] resuming {run_dir} from {state_dir.name}: round {rnd}, step {step}")
+    elif resume is not None:
+        log(f"[tao-fast] {run_dir} has no saved state yet: starting it from the beginning")
+        _write_lines(metrics_path, [])
+    else:
+        _write_lines(metrics_path, [])
+    manifest = manifest[:rnd - 1 if pool is None else rnd]
+    engine = make_engine(cfg, model, tok)  # after the resumed weights are in the model
     policy.update(engine=engine, tokenizer=tok)
     log(f"[tao-fast] model {model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
         f"params), {len(train)} training prompts, {len(held)} held-out, scorer {scorer.name}"
         f" (held-out scored by {eval_scorer.name})")
 
-    result = TuneResult(run_dir=run_dir, checkpoint=None)
     if cfg.eval.before:
-        result.eval_before = _eval(cfg, engine, tok, eval_scorer, held, "before", run_dir)
+        if (run_dir / "eval_before.json").exists() and resume is not None:
+            result.eval_before = EvalResult.load(run_dir / "eval_before.json")
+        else:
+            result.eval_before = _eval(cfg, engine, tok, eval_scorer, held, "before", run_dir)
 
-    learner = Learner(model, cfg.rl, cfg.rollout.temperature, cfg.model.ops_backend,
-                      progress=cfg.run.progress)
-    rng = random.Random(cfg.run.seed)
-    order: list[int] = []
     encoded: dict[int, list[int]] = {}
     ro = cfg.rollout
     total = cfg.run.rounds * cfg.run.steps
-    bar = tqdm(total=total, desc="tune", unit="step", disable=not cfg.run.progress)
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as mf:
-        for rnd in range(1, cfg.run.rounds + 1):
-            for step in range(1, cfg.run.steps + 1):
-                t0 = time.perf_counter()
-                if len(order) < cfg.rl.prompts_per_step:  # reshuffle once per pass over data
-                    fresh = list(range(len(train)))
-                    rng.shuffle(fresh)
-                    order += fresh
-                idx, order = order[:cfg.rl.prompts_per_step], order[cfg.rl.prompts_per_step:]
-                recs = [train[i] for i in idx]
-                for i in idx:
-                    if i not in encoded:
-                        encoded[i] = encode_prompt(train[i], tok, ro.strategy,
-                                                   cfg.data.system_prompt)
-                rollouts = engine.generate(
-                    [encoded[i] for i in idx],
-                    SamplingParams(n=ro.n, temperature=ro.temperature, top_p=ro.top_p,
-                                   max_tokens=ro.max_tokens,
-                                   seed=cfg.run.seed * 1_000_003 + learner.steps_done + 1),
-                    progress=cfg.run.progress)
-                t_gen = time.perf_counter()
-                scores = scorer.score(recs, rollouts.texts)
-                t_score = time.perf_counter()
-                advs, signal = group_advantages(scores.rewards, cfg.rl.algorithm,
-                                                cfg.rl.std_normalize)
-                samples = samples_from_rollouts(rollouts, advs, signal)
-                flat = [r for g in scores.rewards for r in g]
-                mean = sum(flat) / len(flat)
-                m = {"round": rnd, "step": step, "global_step": (rnd - 1) * cfg.run.steps + step,
-                     "reward_mean": mean,
-                     "reward_std": (sum((r - mean) ** 2 for r in flat) / len(flat)) ** 0.5,
-                     "zero_signal_groups": signal.count(False),
-                     "zero_signal_frac": signal.count(False) / len(signal),
-                     "score_failures": scores.num_failures,
-                     **{f"score_failures/{k}": v for k, v in scores.failures.items()},
-                     **scores.stats,
-                     "response_tokens_mean": rollouts.num_tokens / len(flat),
-                     "gen_tokens": rollouts.stats["tokens"],
-                     "gen_tokens_per_s": rollouts.stats["tokens_per_s"],
-                     "gen_seconds": t_gen - t0, "score_seconds": t_score - t_gen}
-                if samples:
-                    m.update(learner.step(samples))
-                    t_sync = time.perf_counter()
-                    if engine.model is not model:
-                        engine.load_weights(model.named_parameters())
-                    m["sync_seconds"] = time.perf_counter() - t_sync
-                else:
-                    m["skipped"] = "every group had equal rewards"
-                m["step_seconds"] = time.perf_counter() - t0
-                result.metrics.append(m)
+    bar = tqdm(total=total, initial=len(result.metrics), desc="tune", unit="step",
+               disable=not cfg.run.progress)
+
+    def save(rnd_, step_, order_) -> None:
+        extra = {"round": rnd_, "step": step_, "learner_steps": learner.steps_done,
+                 "order": order_, "python_rng": rng.getstate(),
+                 "metrics_lines": len(result.metrics),
+                 "checkpoint": str(result.checkpoint or "")}
+        try:
+            save_state(run_dir, (rnd_ - 1) * cfg.run.steps + step_, model, learner.opt,
+                       learner.sched, extra)
+        except OSError as e:
+            last = latest_state(run_dir)
+            raise OSError(e.errno, f"cannot write the training state to {run_dir / 'state'}: "
+                          f"{e.strerror}; the last complete state is "
+                          f"{last or 'none'}") from None
+
+    while rnd <= cfg.run.rounds:
+        if pool is None:  # a new round: the prompts that arrived since, plus a replayed share
+            plan = plan_round(rnd, cfg.data.train, manifest, cfg.data.replay_frac,
+                              cfg.run.seed, builtin)
+            if not plan.prompts:
+                raise ConfigError(f"round {rnd}: no prompts (data.train={cfg.data.train})")
+            manifest.append(plan.manifest_line())
+            _write_lines(run_dir / "manifest.jsonl", manifest)
+            pool, order = plan.prompts, []
+            log(f"[tao-fast] round {rnd}: {plan.n_new} new prompts from "
+                f"{len(plan.new_files)} new file(s), {plan.n_replay} replayed")
+        encoded.clear()
+        _check_space(run_dir, model)
+        while step <= cfg.run.steps:
+            t0 = time.perf_counter()
+            gstep = (rnd - 1) * cfg.run.steps + step
+            if len(order) < cfg.rl.prompts_per_step:  # reshuffle once per pass over data
+                fresh = list(range(len(pool)))
+                rng.shuffle(fresh)
+                order += fresh
+            idx, order = order[:cfg.rl.prompts_per_step], order[cfg.rl.prompts_per_step:]
+            recs = [pool[i] for i in idx]
+            for i in idx:
+                if i not in encoded:
+                    encoded[i] = encode_prompt(pool[i], tok, ro.strategy, cfg.data.system_prompt)
+            rollouts = engine.generate(
+                [encoded[i] for i in idx],
+                SamplingParams(n=ro.n, temperature=ro.temperature, top_p=ro.top_p,
+                               max_tokens=ro.max_tokens, seed=cfg.run.seed * 1_000_003 + gstep),
+                progress=cfg.run.progress)
+            t_gen = time.perf_counter()
+            scores = scorer.score(recs, rollouts.texts)
+            t_score = time.perf_counter()
+            advs, signal = group_advantages(scores.rewards, cfg.rl.algorithm,
+                                            cfg.rl.std_normalize)
+            samples = samples_from_rollouts(rollouts, advs, signal)
+            flat = [r for g in scores.rewards for r in g]
+            mean = sum(flat) / len(flat)
+            m = {"round": rnd, "step": step, "global_step": gstep,
+                 "reward_mean": mean,
+                 "reward_std": (sum((r - mean) ** 2 for r in flat) / len(flat)) ** 0.5,
+                 "zero_signal_groups": signal.count(False),
+                 "zero_signal_frac": signal.count(False) / len(signal),
+                 "score_failures": scores.num_failures,
+                 **{f"score_failures/{k}": v for k, v in scores.failures.items()},
+                 **scores.stats,
+                 "response_tokens_mean": rollouts.num_tokens / len(flat),
+                 "gen_tokens": rollouts.stats["tokens"],
+                 "gen_tokens_per_s": rollouts.stats["tokens_per_s"],
+                 "gen_seconds": t_gen - t0, "score_seconds": t_score - t_gen}
+            if samples:
+                m.update(learner.step(samples))
+                t_sync = time.perf_counter()
+                if engine.model is not model:
+                    engine.load_weights(model.named_parameters())
+                m["sync_seconds"] = time.perf_counter() - t_sync
+            else:
+                m["skipped"] = "every group had equal rewards"
+            m["step_seconds"] = time.perf_counter() - t0
+            result.metrics.append(m)
+            with open(metrics_path, "a", encoding="utf-8") as mf:
                 mf.write(json.dumps(m) + "\n")
-                mf.flush()
-                bar.update(1)
-                bar.set_postfix(reward=f"{mean:.3f}", zero=m["zero_signal_groups"])
-            result.checkpoint = save_checkpoint(
-                model, tok, run_dir / f"checkpoint-round{rnd}",
-                extra={"round": rnd, "steps": learner.steps_done, "base_model": str(model_dir)})
-            log(f"[tao-fast] round {rnd}: checkpoint {result.checkpoint}")
-            if cfg.eval.after and rnd < cfg.run.rounds:
-                _eval(cfg, engine, tok, eval_scorer, held, f"round{rnd}", run_dir)
+            bar.update(1)
+            bar.set_postfix(reward=f"{mean:.3f}", zero=m["zero_signal_groups"])
+            if cfg.run.save_every and gstep % cfg.run.save_every == 0 and step < cfg.run.steps:
+                save(rnd, step, order)
+            step += 1
+        result.checkpoint = save_checkpoint(
+            model, tok, run_dir / f"checkpoint-round{rnd}",
+            extra={"round": rnd, "steps": learner.steps_done, "base_model": str(model_dir)})
+        log(f"[tao-fast] round {rnd}: checkpoint {result.checkpoint}")
+        if cfg.eval.after and rnd < cfg.run.rounds:
+            _eval(cfg, engine, tok, eval_scorer, held, f"round{rnd}", run_dir)
+        save(rnd, cfg.run.steps, [])  # the round is complete: resume starts the next one
+        rnd, step, pool = rnd + 1, 1, None
     bar.close()
     if cfg.eval.after:
         result.eval_after = _eval(cfg, engine, tok, eval_scorer, held, "after", run_dir)

@@ -71,6 +71,10 @@ class Learner:
         self.progress = progress
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                      weight_decay=cfg.weight_decay, eps=1e-8)
+        # linear warm-up to rl.lr over rl.warmup_steps, then constant
+        warm = max(cfg.warmup_steps, 1)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt,
+                                                       lambda s: min(1.0, (s + 1) / warm))
         self.ref = None
         if cfg.kl_coef > 0:  # frozen copy of the starting policy
             self.ref = copy.deepcopy(model).eval().requires_grad_(False)
@@ -136,13 +140,15 @@ class Learner:
         bar.close()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         self.opt.step()
+        self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         self.steps_done += 1
         secs = time.perf_counter() - t0
         out = {k: float(v) for k, v in totals.items()}  # the step's one host sync
         out.update(ratio_max=float(ratio_max), grad_norm=float(grad_norm),
                    train_tokens=n_tokens, train_seconds=secs, train_tokens_per_s=n_tokens / secs,
-                   micro_batches=len(bins), samples=len(samples))
+                   micro_batches=len(bins), samples=len(samples),
+                   lr=self.opt.param_groups[0]["lr"])
         out["sampler_logprob_abs_diff"] = out.pop("abs_diff")
         out["sampler_ratio_outside"] = out.pop("mismatch")
         return out

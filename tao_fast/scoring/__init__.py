@@ -20,9 +20,9 @@ database a SQL prompt names exists.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -81,15 +81,21 @@ def failed_batch(name: str, candidates, failure_value: float, error: str) -> Sco
 
 
 class RandomScorer:
-    """Control scorer: 0/1 rewards from a seeded coin. Tuning against it must not help."""
+    """Control scorer: 0/1 rewards that carry no information about quality. Each coin is a
+    hash of (seed, prompt, candidate index, text), so a resumed run flips the same coins."""
 
     name = "random"
 
     def __init__(self, seed: int = 0):
-        self.rng = random.Random(seed)
+        self.seed = seed
+
+    def coin(self, prompt: str, i: int, text: str) -> float:
+        h = hashlib.sha256(f"{self.seed}\0{prompt}\0{i}\0{text}".encode()).digest()
+        return float(h[0] & 1)
 
     def score(self, prompts, candidates) -> ScoreResult:
-        rewards = [[float(self.rng.random() < 0.5) for _ in group] for group in candidates]
+        rewards = [[self.coin(p.text, i, t) for i, t in enumerate(group)]
+                   for p, group in zip(prompts, candidates, strict=True)]
         return ScoreResult(rewards, [[{} for _ in g] for g in candidates])
 
 

@@ -1,0 +1,120 @@
+"""Training state for --resume: model, optimizer, scheduler, RNG and data position.
+
+    RUN_DIR/state/step-000012/  model.safetensors      the learner's parameters (master dtype)
+                                optimizer.safetensors  AdamW moments and step counts
+                                rng.safetensors        torch's CPU (and CUDA) generator states
+                                state.json             scheduler, data order, python RNG, ...
+    RUN_DIR/state/latest        the name of the newest complete state
+
+A state is written under a temporary name and renamed into place, then `latest` is replaced
+atomically; a kill at any moment leaves `latest` naming a complete state. Tensors go to
+safetensors and everything else to JSON: nothing is pickled, so loading runs no code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tao_fast.checkpoint import atomic_write_text
+from tao_fast.config import ResumeError
+
+
+def _optimizer_split(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """optimizer.state_dict() -> (tensors for safetensors, the rest as JSON-able data)."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v.contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_join(tensors: dict, meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    for key, v in meta["scalars"].items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def estimate_bytes(model: torch.nn.Module) -> int:
+    """Disk a state needs: weights plus two AdamW moments, plus slack."""
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 3 * n + (16 << 20)
+
+
+def save_state(run_dir: Path, step: int, model, opt, sched, extra: dict, keep: int = 1) -> Path:
+    root = Path(run_dir) / "state"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=name + ".tmp-", dir=root))
+    try:
+        save_file({k: p.detach().contiguous() for k, p in model.named_parameters()},
+                  str(tmp / "model.safetensors"))
+        tensors, meta = _optimizer_split(opt)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["torch_cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, str(tmp / "rng.safetensors"))
+        state = {"step": step, "optimizer": meta,
+                 "scheduler": sched.state_dict() if sched is not None else None, **extra}
+        (tmp / "state.json").write_text(json.dumps(state))
+        dest = root / name
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / "latest", name)
+    done = sorted(p for p in root.glob("step-*") if p.is_dir() and ".tmp-" not in p.name)
+    for old in done[:-keep] if keep else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob("*.tmp-*"):  # left by a killed writer
+        shutil.rmtree(stale, ignore_errors=True)
+    return dest
+
+
+def latest_state(run_dir: Path) -> Path | None:
+    ptr = Path(run_dir) / "state" / "latest"
+    if not ptr.exists():
+        return None
+    path = ptr.parent / ptr.read_text().strip()
+    if not (path / "state.json").exists():
+        raise ResumeError(f"{ptr} names {path.name}, which is incomplete or missing")
+    return path
+
+
+def load_state(path: Path, model, opt, sched) -> dict:
+    """Restore weights, optimizer, scheduler and torch RNG in place; returns state.json."""
+    state = json.loads((path / "state.json").read_text())
+    weights = load_file(str(path / "model.safetensors"))
+    params = dict(model.named_parameters())
+    if set(weights) != set(params):
+        raise ResumeError(f"{path}: saved parameters do not match the model "
+                          f"({len(weights)} saved, {len(params)} in the model)")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(weights[k])
+    opt.load_state_dict(_optimizer_join(load_file(str(path / "optimizer.safetensors")),
+                                        state["optimizer"]))
+    if sched is not None and state.get("scheduler") is not None:
+        sched.load_state_dict(state["scheduler"])
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    if "torch_cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["torch_cuda"])
+    return state
