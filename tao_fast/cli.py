@@ -1,11 +1,11 @@
-"""`tao-fast` command line: demo | tune | eval."""
+"""`tao-fast` command line: demo | tune | eval | report | scale | ingest."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-from tao_fast.config import ConfigError, DataConfig
+from tao_fast.config import ConfigError, DataConfig, ResumeError
 
 # The demo's settings for 2 CPU cores and a 15-minute budget (see README for the measured run).
 DEMO = {
@@ -39,11 +39,25 @@ def _overrides_help():
             "(sections: model, data, rollout, scoring, rl, eval, run)")
 
 
+def _start_demo_over(run_dir: str) -> None:
+    """The demo always starts afresh: drop an earlier demo's resumable state and manifest."""
+    import shutil
+    from pathlib import Path
+
+    d = Path(run_dir)
+    if (d / "state").exists():
+        print(f"tao-fast: starting the demo over in {d}", file=sys.stderr)
+        shutil.rmtree(d / "state")
+    (d / "manifest.jsonl").unlink(missing_ok=True)
+
+
 def cmd_demo(args) -> int:
     from tao_fast.config import load_config
     from tao_fast.tuning import tune
 
     base = dict(DEMO)
+    _start_demo_over(args.out or (f"runs/demo-{args.scorer}" if args.scorer != "arithmetic"
+                                  else DEMO["run.output_dir"]))
     base["scoring.scorer"] = args.scorer
     if args.scorer != "arithmetic":
         base["run.output_dir"] = f"runs/demo-{args.scorer}"
@@ -53,6 +67,7 @@ def cmd_demo(args) -> int:
         base["run.steps"] = args.steps
     cfg = load_config(None, args.overrides, base=base)
     res = tune(cfg)
+    _write_report(res.run_dir)
     if res.eval_before and res.eval_after:
         gain = 100 * (res.eval_after.accuracy - res.eval_before.accuracy)
         print(f"held-out greedy accuracy: {100 * res.eval_before.accuracy:.1f}% -> "
@@ -64,7 +79,10 @@ def cmd_demo(args) -> int:
 def cmd_tune(args) -> int:
     from tao_fast.tuning import tune
 
-    res = tune(args.config, args.overrides)
+    if bool(args.config) == bool(args.resume):
+        raise ConfigError("tune: give --config FILE for a new run or --resume RUN_DIR")
+    res = tune(args.config, args.overrides, resume=args.resume)
+    _write_report(res.run_dir)
     print(json.dumps({"run_dir": str(res.run_dir), "checkpoint": str(res.checkpoint),
                       "before": res.eval_before and res.eval_before.accuracy,
                       "after": res.eval_after and res.eval_after.accuracy,
@@ -81,10 +99,62 @@ def cmd_eval(args) -> int:
     else:
         prompts = read_jsonl(args.prompts)[:args.n]
     res = evaluate(args.model, prompts, args.scorer, max_tokens=args.max_tokens,
-                   temperature=args.temperature, strategy=args.strategy, progress=True)
+                   temperature=args.temperature, samples=args.samples, select=args.select,
+                   strategy=args.strategy, progress=True)
     print(res.summary())
     if args.out:
         res.save(args.out)
+    return 0
+
+
+def _write_report(run_dir) -> None:
+    from tao_fast.report import report
+
+    print(f"tao-fast: report: {report(run_dir)}", file=sys.stderr)
+
+
+def cmd_report(args) -> int:
+    from tao_fast.report import report
+
+    path = report(args.run_dir)
+    print(path.read_text())
+    print(f"wrote {path} and its plots in {path.parent / 'report'}", file=sys.stderr)
+    return 0
+
+
+def cmd_scale(args) -> int:
+    from tao_fast.config import load_config
+    from tao_fast.scale import scale
+
+    try:
+        ns = [int(x) for x in args.n.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--n: expected comma-separated integers, got {args.n!r}") from None
+    cfg = load_config(args.config, args.overrides, base=None if args.config else DEMO)
+    res = scale(cfg, ns, args.out, controls=not args.no_controls)
+    from pathlib import Path
+
+    print((Path(args.out) / "scale.md").read_text())
+    return 0 if res["runs"] else 1
+
+
+def cmd_ingest(args) -> int:
+    from tao_fast.data.ingest import ingest
+
+    s = ingest(args.paths, args.out, column=args.column, heldout_frac=args.heldout_frac,
+               max_chars=args.max_chars or None,
+               near_dup_threshold=None if args.no_near_dup else args.near_dup_threshold,
+               progress=True)
+    bad = s.malformed_lines()
+    for line in bad[:20]:
+        print(line, file=sys.stderr)
+    if s.malformed > min(len(bad), 20):
+        print(f"... {s.malformed - min(len(bad), 20):,} more malformed records "
+              f"(counts per file in {args.out}/ingest_summary.json)", file=sys.stderr)
+    print(s.text())
+    if not s.kept:
+        print("tao-fast: error: no prompts kept", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -107,12 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help=_overrides_help())
     d.set_defaults(func=cmd_demo)
 
-    t = sub.add_parser("tune", help="tune a model from a YAML/TOML config",
-                       description="Tune with TAO. Prompts come from data.train (a JSONL file "
-                       "of {\"prompt\": ...} or {\"messages\": [...]} lines, or "
-                       "builtin:arithmetic); the scorer from scoring.scorer (arithmetic, "
-                       "random, or python:module:function).")
-    t.add_argument("--config", required=True, help="YAML or TOML file with the run's sections")
+    t = sub.add_parser("tune", help="tune a model from a YAML/TOML config, or resume a run",
+                       description="Tune with TAO, round after round. Prompts come from "
+                       "data.train: a JSONL file of {\"prompt\": ...} or {\"messages\": [...]} "
+                       "lines, a directory of them (e.g. `tao-fast ingest` outputs; each round "
+                       "adds the files that appeared since the last, replaying "
+                       "data.replay_frac old prompts), or builtin:arithmetic. The scorer is "
+                       "scoring.scorer (see README: rules, consensus, code/SQL execution, "
+                       "reward model, judge, mixes). A training state is saved every "
+                       "run.save_every steps; --resume continues a killed run from it.")
+    t.add_argument("--config", help="YAML or TOML file with the run's sections (new run)")
+    t.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue this run directory from its last saved state; overrides "
+                   "such as run.rounds=3 add rounds that pick up new prompt files")
     t.add_argument("overrides", nargs="*", help=_overrides_help())
     t.set_defaults(func=cmd_tune)
 
@@ -132,7 +209,66 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n-train-exclude", type=int, default=DataConfig.n_train,
                    help="builtin task: size of the training set whose questions are excluded")
     e.add_argument("--out", help="write the full result (every response) to this JSON file")
+    e.add_argument("--samples", type=int, default=1,
+                   help="answers per prompt (needs --temperature > 0): pass@1 is their mean")
+    e.add_argument("--select", help="with --samples N: best-of-N, keeping the answer this "
+                   "scorer (a spec, e.g. consensus) rates highest")
     e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("report", help="write RUN_DIR/report.md and its plots",
+                       description="Read a run directory (metrics.jsonl, eval_*.json, "
+                       "manifest.jsonl) and write report.md with PNG plots in report/: "
+                       "held-out accuracy before/after each round (greedy and sampled, 95%% CI, "
+                       "output tokens), reward/KL curves, tokens/s per phase, time split.")
+    r.add_argument("run_dir", help="a directory written by tao-fast tune or demo")
+    r.set_defaults(func=cmd_report)
+
+    sc = sub.add_parser("scale", help="tune at N = 2, 4, 8, 16 candidates and plot quality "
+                        "against N and tuning FLOPs",
+                        description="Run the same tune once per N (candidates per prompt), "
+                        "plus a random-scorer control and the base model's best-of-N at "
+                        "inference, and write OUT/scale.md, scale.json and scaling.png. "
+                        "Finished runs are reused and killed ones resumed.")
+    sc.add_argument("--config", help="YAML/TOML run config (default: the demo's settings)")
+    sc.add_argument("--n", default="2,4,8,16", help="comma-separated N values (default 2,4,8,16)")
+    sc.add_argument("--out", default="runs/scale", help="output directory (default runs/scale)")
+    sc.add_argument("--no-controls", action="store_true",
+                    help="skip the random-scorer run and the best-of-N evaluation")
+    sc.add_argument("overrides", nargs="*", help=_overrides_help())
+    sc.set_defaults(func=cmd_scale)
+
+    i = sub.add_parser(
+        "ingest", help="turn request logs (OpenAI JSONL, prompt JSONL, CSV, Parquet) into a "
+        "cleaned prompt set with a stable held-out split",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Read request logs and prompt files; write OUT/train.jsonl, "
+        "OUT/heldout.jsonl and\nOUT/ingest_summary.json (records kept and dropped by reason, "
+        "per file).\n\ninputs: OpenAI chat-completions request JSONL (plain bodies, {request, "
+        "response}\nwrappers, batch-API {custom_id, body} lines), {\"prompt\": ...} or "
+        "{\"messages\": [...]} JSONL,\nCSV/TSV and Parquet with a prompt column, and "
+        "directories of these; .gz is read\ntransparently.",
+        epilog="cleaning: the prompt is the conversation up to its last user message (system\n"
+        "prompts and earlier turns kept, the logged answer dropped); records with image/audio\n"
+        "parts or tool turns are dropped; empty, over-long, duplicate (after normalising case,\n"
+        "whitespace and punctuation) and near-duplicate prompts are dropped; malformed lines\n"
+        "are reported as file:line and skipped. The held-out side of a prompt is fixed by a\n"
+        "hash of its text: the same in every run and round.\n\n"
+        "example:\n  tao-fast ingest logs/ extra.csv --out data/round2 --column question")
+    i.add_argument("paths", nargs="+", metavar="PATH", help="files or directories to read")
+    i.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    i.add_argument("--column", default="prompt",
+                   help="CSV/Parquet column (or JSONL key) holding the prompt (default prompt)")
+    i.add_argument("--heldout-frac", type=float, default=0.1,
+                   help="fraction of prompts held out for evaluation (default 0.1)")
+    i.add_argument("--max-chars", type=int, default=32_000,
+                   help="drop prompts longer than this many characters, all messages "
+                   "together (default 32000; 0 = no limit)")
+    i.add_argument("--near-dup-threshold", type=float, default=0.9,
+                   help="word-3-gram Jaccard similarity at which a prompt is a near-duplicate "
+                   "of an earlier one (default 0.9)")
+    i.add_argument("--no-near-dup", action="store_true",
+                   help="keep near-duplicates (exact duplicates are still removed)")
+    i.set_defaults(func=cmd_ingest)
     return p
 
 
@@ -142,7 +278,7 @@ def main(argv=None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, PromptFileError, FileNotFoundError) as e:
+    except (ConfigError, PromptFileError, ResumeError, OSError) as e:  # OSError: disk, perms
         print(f"tao-fast: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -139,11 +139,14 @@ class EvalConfig:
     before: bool = True  # held-out greedy accuracy before tuning
     after: bool = True
     max_tokens: int = 64
-    scorer: str | dict = ""  # held-out scorer; "" = scoring.scorer. The random control trains on coin
-    # flips but must be judged by the task's verifier: its demo sets eval.scorer=arithmetic.
+    # held-out scorer; "" = scoring.scorer. The random control trains on coin flips but must
+    # be judged by the task's verifier: its demo sets eval.scorer=arithmetic.
+    scorer: str | dict = ""
+    samples: int = 1  # sampled answers per prompt at rollout.temperature (pass@1); 0 = none
 
     def __post_init__(self):
         _check(self.max_tokens >= 1, "eval.max_tokens", "must be >= 1")
+        _check(self.samples >= 0, "eval.samples", "must be >= 0")
 
 
 @dataclass

@@ -109,15 +109,23 @@ def _write_lines(path: Path, lines: list[dict]) -> None:
 
 
 def _eval(cfg, engine, tokenizer, scorer, prompts, name, run_dir) -> EvalResult | None:
+    """Greedy (eval_NAME.json) and, with eval.samples, sampled pass@1 at the rollout
+    temperature (eval_NAME_sampled.json) on the same held-out prompts; returns the greedy."""
     if not prompts:
         return None
-    res = evaluate(engine.model, prompts, scorer, tokenizer=tokenizer, engine=engine,
-                   max_tokens=cfg.eval.max_tokens, temperature=0.0,
-                   strategy=cfg.rollout.strategy, system_prompt=cfg.data.system_prompt,
-                   progress=cfg.run.progress)
-    res.save(run_dir / f"eval_{name}.json")
-    log(f"[eval {name}] held-out greedy: {res.summary()} ({res.seconds:.0f} s)")
-    return res
+    out = None
+    runs = [("", 0.0, 1)]
+    if cfg.eval.samples and cfg.rollout.temperature > 0:
+        runs.append(("_sampled", cfg.rollout.temperature, cfg.eval.samples))
+    for suffix, temp, k in runs:
+        res = evaluate(engine.model, prompts, scorer, tokenizer=tokenizer, engine=engine,
+                       max_tokens=cfg.eval.max_tokens, temperature=temp, samples=k,
+                       strategy=cfg.rollout.strategy, system_prompt=cfg.data.system_prompt,
+                       progress=cfg.run.progress, seed=cfg.run.seed)
+        res.save(run_dir / f"eval_{name}{suffix}.json")
+        log(f"[eval {name}] held-out {res.summary()} ({res.seconds:.0f} s)")
+        out = out or res
+    return out
 
 
 def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),

@@ -1,0 +1,499 @@
+"""Turn request logs into a prompt set: `tao-fast ingest` and `ingest()`.
+
+Inputs (files, or directories searched recursively, sorted, hidden entries skipped; `.gz`
+suffix or gzip magic bytes are decompressed transparently):
+- JSONL (.jsonl .ndjson .json, and explicit files of any other suffix): one object per line,
+  either an OpenAI chat-completions request body (`{"model", "messages"}`), a log wrapper
+  (`{"request": {...}, "response": {...}}`), a batch-API input line (`{"custom_id", "body"}`),
+  `{"messages": [...]}`, a Responses-API body (`{"instructions", "input"}`), or a prompt
+  record (`{"prompt": "..."}`, or the key named by `column`).
+- CSV / TSV with a header row; `column` names the prompt column.
+- Parquet (needs pyarrow); `column` holds text, or a list of {role, content} messages.
+
+Decisions:
+- The prompt is the conversation up to and including the *last user message*: assistant
+  turns before it are context and stay; everything after it (the logged answer, tool calls
+  and results) is dropped so no answer leaks. System prompts stay ("developer" becomes
+  "system").
+- Tool/function turns (or assistant tool calls) inside that prompt: the record is dropped
+  ("tool turns"); a prompt set has no way to replay them. Tool *definitions* are not carried.
+- Content parts: text parts are joined with "\\n" (as vLLM does); any image/audio/file part
+  in the prompt drops the record ("non-text content"): the text alone would ask about
+  something the model cannot see.
+- Non-UTF-8 bytes (or lone-surrogate escapes): the line is reported and skipped, not repaired.
+- Other fields of a record (model, temperature, metadata) are not carried over.
+- Duplicates: same normalised conversation (see dedup.normalize) -> "duplicate"; word-3-gram
+  Jaccard >= near_dup_threshold of the non-system text, among records with the same system
+  prompt and the same numbers -> "near-duplicate". The first seen is kept.
+- Held-out split: sha256 of the normalised non-system conversation -> [0, 1) < heldout_frac.
+  The same question is always on the same side, in every run and round, whatever system
+  prompt it came with; a near-duplicate cluster is kept as one prompt, so it is on one side.
+
+Outputs in OUT (each written to a temp file, then os.replace): train.jsonl, heldout.jsonl
+(`{"messages", "id", "source": "file:line"}`, input order; read_jsonl reads them) and
+ingest_summary.json. For Parquet the "line" is the 1-based row number.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tao_fast.data.dedup import (
+    digest,
+    digits,
+    near_duplicates,
+    normalize,
+    unit_fraction,
+)
+from tao_fast.data.prompts import PromptFileError
+
+DEFAULT_MAX_CHARS = 32_000
+MAX_LINE_BYTES = 64 << 20  # a longer JSONL line is skipped unread, as "too long"
+N_EXAMPLES = 5  # malformed locations listed per file in the summary
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv",
+           ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet"}
+MALFORMED = frozenset({"not UTF-8", "invalid JSON", "not a JSON object", "no prompt",
+                       "bad prompt", "bad messages", "bad CSV row"})
+TEXT_PARTS = ("text", "input_text", "output_text")
+ROLE_MAP = {"developer": "system", "system": "system", "user": "user", "assistant": "assistant",
+            "tool": "tool", "function": "tool"}
+
+
+class IngestError(PromptFileError):
+    """Input that cannot be read at all (missing column, corrupt file): the run stops."""
+
+
+class Drop(Exception):
+    """One record is skipped, for `reason` (a summary key); `detail` says more."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class FileStats:
+    path: str
+    format: str
+    read: int = 0
+    kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    malformed: list[str] = field(default_factory=list)  # the first N_EXAMPLES "file:line: why"
+
+    def drop(self, d: Drop, where: str) -> None:
+        self.dropped[d.reason] = self.dropped.get(d.reason, 0) + 1
+        if d.reason in MALFORMED and len(self.malformed) < N_EXAMPLES:
+            self.malformed.append(f"{where}: {d.reason}" + (f" ({d.detail})" if d.detail else ""))
+
+
+@dataclass
+class IngestSummary:
+    out_dir: str
+    read: int
+    kept: int
+    train: int
+    heldout: int
+    dropped: dict[str, int]
+    malformed: int
+    files: list[FileStats]
+    skipped_files: list[str]
+    settings: dict
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def malformed_lines(self) -> list[str]:
+        return [m for f in self.files for m in f.malformed]
+
+    def text(self) -> str:
+        drops = ", ".join(f"{k} {v:,}" for k, v in sorted(self.dropped.items(), key=lambda kv: -kv[1]))
+        return (f"ingest: read {self.read:,} records from {len(self.files)} file(s) -> kept "
+                f"{self.kept:,} (train {self.train:,}, held-out {self.heldout:,}) in {self.out_dir}"
+                f" [{self.seconds:.1f} s]\n  dropped {sum(self.dropped.values()):,}"
+                + (f": {drops}" if drops else "")
+                + (f"\n  skipped {len(self.skipped_files)} file(s) of unknown type"
+                   if self.skipped_files else ""))
+
+
+# ---- reading -------------------------------------------------------------------------------
+def _format(path: Path) -> str | None:
+    sfx = [s.lower() for s in path.suffixes]
+    if sfx and sfx[-1] == ".gz":
+        sfx.pop()
+    return FORMATS.get(sfx[-1]) if sfx else None
+
+
+def _expand(paths, out_dir: Path) -> tuple[list[Path], list[str]]:
+    files, skipped, seen = [], [], set()
+    out = out_dir.resolve()
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"input {p} does not exist")
+        if p.is_dir():
+            found = [f for f in sorted(p.rglob("*")) if f.is_file()
+                     and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                     and out not in f.resolve().parents]
+            skipped += [str(f) for f in found if _format(f) is None]
+            found = [f for f in found if _format(f) is not None]
+            if not found:
+                raise IngestError(f"{p}: no .jsonl/.json/.ndjson/.csv/.tsv/.parquet files "
+                                  "(optionally .gz) in this directory")
+        else:
+            found = [p]
+        for f in found:
+            if f.resolve() not in seen:
+                seen.add(f.resolve())
+                files.append(f)
+    return files, skipped
+
+
+def _is_gz(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(2) == b"\x1f\x8b" or path.suffix.lower() == ".gz"
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if _is_gz(path) else path.open("rb")
+
+
+def _lines(f):
+    """(line number, bytes) per line; bytes is None for a line over MAX_LINE_BYTES (unread)."""
+    ln = 0
+    while raw := f.readline(MAX_LINE_BYTES + 1):
+        ln += 1
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+            raw = None
+        elif ln == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark
+            raw = raw[3:]
+        yield ln, raw
+
+
+def read_jsonl_objects(path: Path):
+    """(line, object, None) or (line, None, Drop) per non-blank line."""
+    with _open(path) as f:
+        for ln, raw in _lines(f):
+            if raw is None:
+                yield ln, None, Drop("too long", f"line over {MAX_LINE_BYTES:,} bytes")
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield ln, None, Drop("not UTF-8", f"byte {e.start}")
+                continue
+            if not text.strip():
+                continue
+            try:
+                obj, err = json.loads(text), None
+            except json.JSONDecodeError as e:
+                obj, err = None, Drop("invalid JSON", f"{e.msg} at column {e.colno}")
+            except RecursionError:
+                obj, err = None, Drop("invalid JSON", "nested too deeply")
+            yield ln, obj, err
+
+
+def read_csv_column(path: Path, column: str, delimiter: str = ","):
+    """(line where the row starts, cell, None) or (line, None, Drop) per non-blank row."""
+    old = csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))  # prompts can be huge
+    try:
+        with _open(path) as f:
+            def text_lines():
+                for ln, raw in _lines(f):
+                    if raw is None:
+                        raise IngestError(f"{path}:{ln}: a CSV line over {MAX_LINE_BYTES:,} bytes")
+                    yield raw.decode("utf-8", "surrogateescape")  # bad bytes checked per cell
+
+            rows = csv.reader(text_lines(), delimiter=delimiter)
+            try:
+                header = next(rows, None)
+            except csv.Error as e:
+                raise IngestError(f"{path}:1: unreadable CSV header ({e})") from None
+            if header is None:
+                return
+            if column not in header:
+                raise IngestError(f"{path}: no column {column!r} (columns: {header}); "
+                                  "pass --column NAME")
+            idx, start = header.index(column), rows.line_num + 1
+            while True:
+                try:
+                    row = next(rows)
+                except StopIteration:
+                    return
+                except csv.Error as e:
+                    yield start, None, Drop("bad CSV row", str(e))
+                    start = rows.line_num + 1
+                    continue
+                ln, start = start, rows.line_num + 1
+                if not row:
+                    continue
+                if idx >= len(row):
+                    yield ln, None, Drop("bad CSV row", f"{len(row)} fields, header has {len(header)}")
+                    continue
+                try:
+                    row[idx].encode("utf-8")
+                except UnicodeEncodeError:
+                    yield ln, None, Drop("not UTF-8", f"in column {column!r}")
+                    continue
+                yield ln, row[idx], None
+    finally:
+        csv.field_size_limit(old)
+
+
+def read_parquet_column(path: Path, column: str):
+    """(row number, value, None) per row of `column` (text, or a list of messages)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise IngestError(f"{path}: reading Parquet needs the 'pyarrow' package "
+                          "(pip install pyarrow)") from None
+    try:
+        with _open(path) as src:
+            pf = pq.ParquetFile(src)
+            names = pf.schema_arrow.names
+            if column not in names:
+                raise IngestError(f"{path}: no column {column!r} (columns: {names}); "
+                                  "pass --column NAME")
+            n = 0
+            for batch in pf.iter_batches(batch_size=4096, columns=[column]):
+                for value in batch.column(0).to_pylist():
+                    n += 1
+                    yield n, value, None
+    except pa.ArrowException as e:
+        raise IngestError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def _read(path: Path, fmt: str, column: str):
+    try:
+        if fmt == "parquet":
+            yield from read_parquet_column(path, column)
+        elif fmt in ("csv", "tsv"):
+            yield from read_csv_column(path, column, "\t" if fmt == "tsv" else ",")
+        else:
+            yield from read_jsonl_objects(path)
+    except (OSError, EOFError, zlib.error) as e:
+        raise IngestError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+
+# ---- one record -> messages ----------------------------------------------------------------
+def _content(c, i: int) -> str:
+    if c is None or isinstance(c, str):
+        return c or ""
+    if not isinstance(c, list):
+        raise Drop("bad messages", f"messages[{i}].content is a {type(c).__name__}")
+    texts = []
+    for p in c:
+        if isinstance(p, str):
+            texts.append(p)
+        elif isinstance(p, dict) and p.get("type") in TEXT_PARTS and isinstance(p.get("text"), str):
+            texts.append(p["text"])
+        elif isinstance(p, dict) and p.get("type") in TEXT_PARTS:
+            raise Drop("bad messages", f"messages[{i}]: a text part without a string 'text'")
+        else:
+            kind = p.get("type") if isinstance(p, dict) else type(p).__name__
+            raise Drop("non-text content", f"messages[{i}] has a {kind!r} part")
+    return "\n".join(texts)
+
+
+def _messages(msgs) -> list[dict]:
+    """Chat messages up to the last user turn: system and earlier turns kept, answer dropped."""
+    if not isinstance(msgs, list) or not msgs:
+        raise Drop("bad messages", "'messages' must be a non-empty list")
+    roles = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise Drop("bad messages", f"messages[{i}] is a {type(m).__name__}")
+        role = m.get("role")
+        if role is None and "call" in str(m.get("type", "")):  # Responses API tool items
+            role = "tool"
+        if role not in ROLE_MAP:
+            raise Drop("bad messages", f"messages[{i}]: unknown role {role!r}")
+        roles.append(ROLE_MAP[role])
+    last = max((i for i, r in enumerate(roles) if r == "user"), default=-1)
+    if last < 0:
+        raise Drop("no user message")
+    out = []
+    for i, (role, m) in enumerate(zip(roles[:last + 1], msgs)):
+        if role == "tool" or m.get("tool_calls") or m.get("function_call"):
+            raise Drop("tool turns", f"messages[{i}]")
+        out.append({"role": role, "content": _content(m.get("content"), i)})
+    return out
+
+
+def _from_obj(obj, column: str) -> list[dict]:
+    if not isinstance(obj, dict):
+        raise Drop("not a JSON object", f"a JSON {type(obj).__name__}")
+    keys = sorted(map(str, obj))[:8]
+    # unwrap log envelopes: {"request": ..}, batch-API {"body": ..}, {"input": {..}, "output": ..}
+    while not (any(k in obj for k in ("messages", column, "prompt"))
+               or isinstance(obj.get("input"), (str, list))):
+        obj = next((obj[k] for k in ("request", "body", "input") if isinstance(obj.get(k), dict)),
+                   None)
+        if obj is None:
+            raise Drop("no prompt", f"no 'messages' or {column!r}; keys: {keys}")
+    if "messages" in obj:
+        return _messages(obj["messages"])
+    if column in obj or "prompt" in obj:
+        return _from_value(obj[column] if column in obj else obj["prompt"])
+    inp = obj["input"]  # Responses API: `instructions` + `input` (text or message items)
+    inp = [{"role": "user", "content": inp}] if isinstance(inp, str) else inp
+    if isinstance(obj.get("instructions"), str) and obj["instructions"]:
+        inp = [{"role": "system", "content": obj["instructions"]}] + inp
+    return _messages(inp)
+
+
+def _from_value(v) -> list[dict]:
+    """A CSV/Parquet cell or a `prompt` field: text, or a list of messages."""
+    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str):
+        v = v[0]  # the completions API's prompt list of one
+    if isinstance(v, str):
+        return [{"role": "user", "content": v}]
+    if v is None:
+        raise Drop("empty")
+    if isinstance(v, list) and all(isinstance(m, dict) for m in v):
+        return _messages(v)
+    raise Drop("bad prompt", f"a {type(v).__name__}, not text")
+
+
+def _check(msgs: list[dict], max_chars: int | None, tokenizer, max_tokens: int | None) -> None:
+    last_user = next(m for m in reversed(msgs) if m["role"] == "user")
+    if not last_user["content"].strip():
+        raise Drop("empty")
+    n = sum(len(m["content"]) for m in msgs)
+    if max_chars is not None and n > max_chars:
+        raise Drop("too long", f"{n:,} characters")
+    for m in msgs:
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise Drop("not UTF-8", "a lone surrogate escape in the text") from None
+    if tokenizer is not None and max_tokens is not None:
+        n = len(tokenizer.encode("\n".join(m["content"] for m in msgs)))
+        if n > max_tokens:
+            raise Drop("too long", f"{n:,} tokens")
+
+
+# ---- the run -------------------------------------------------------------------------------
+@dataclass
+class _Rec:
+    messages: list[dict]
+    source: str
+    file: int
+    key: str  # normalised conversation, system included: exact duplicates, the id
+    split_key: str  # normalised non-system conversation: the split, near duplicates
+    guard: bytes  # system prompt + numbers: only records alike in these are near-dup compared
+
+
+def _rec(msgs: list[dict], source: str, file: int) -> _Rec:
+    norm = [(m["role"], normalize(m["content"])) for m in msgs]
+    system = "\n".join(t for r, t in norm if r == "system")
+    split_key = "\n".join(f"{r}: {t}" for r, t in norm if r != "system")
+    return _Rec(msgs, source, file, key="\n".join(f"{r}: {t}" for r, t in norm),
+                split_key=split_key, guard=digest(system + "\0" + digits(split_key))[:16])
+
+
+def _write_atomic(path: Path, lines) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            for line in lines:
+                f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _jsonl_line(r: _Rec) -> str:
+    """One output line: UTF-8 text, with the Unicode line breaks that str.splitlines() and
+    some JSONL readers split on escaped."""
+    return json.dumps({"messages": r.messages, "id": digest(r.key)[:8].hex(), "source": r.source},
+                      ensure_ascii=False).translate(_LINE_BREAKS)
+
+
+def ingest(paths, out_dir, *, column: str = "prompt", heldout_frac: float = 0.1,
+           max_chars: int | None = DEFAULT_MAX_CHARS, near_dup_threshold: float | None = 0.9,
+           tokenizer=None, max_tokens: int | None = None, progress: bool = False) -> IngestSummary:
+    """Read request logs / prompt files under `paths`, clean them, and write OUT/train.jsonl,
+    OUT/heldout.jsonl and OUT/ingest_summary.json. `near_dup_threshold=None` turns near-dup
+    removal off; `tokenizer` (anything with .encode(text) -> ids) with `max_tokens` adds a
+    token limit to the character limit. Raises IngestError for unreadable input."""
+    t0 = time.perf_counter()
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not 0.0 <= heldout_frac <= 1.0:
+        raise IngestError(f"heldout_frac must be in [0, 1], got {heldout_frac}")
+    if near_dup_threshold is not None and not 0.0 < near_dup_threshold <= 1.0:
+        raise IngestError(f"near_dup_threshold must be in (0, 1], got {near_dup_threshold}")
+    if max_chars is not None and max_chars < 1:
+        raise IngestError(f"max_chars must be positive, got {max_chars}")
+    out = Path(out_dir)
+    files, skipped = _expand(paths, out)
+    if not files:
+        raise IngestError("no input files given")
+    stats = [FileStats(str(f), _format(f) or "jsonl") for f in files]
+    recs: list[_Rec] = []
+    seen: set[str] = set()
+    from tqdm import tqdm
+
+    with tqdm(desc="ingest", unit=" rec", disable=None if progress else True,
+              file=sys.stderr) as bar:
+        for fi, (path, st) in enumerate(zip(files, stats)):
+            for ln, value, err in _read(path, st.format, column):
+                st.read += 1
+                bar.update()
+                try:
+                    if err is not None:
+                        raise err
+                    msgs = _from_obj(value, column) if st.format == "jsonl" else _from_value(value)
+                    _check(msgs, max_chars, tokenizer, max_tokens)
+                    rec = _rec(msgs, f"{path}:{ln}", fi)
+                    if rec.key in seen:
+                        raise Drop("duplicate")
+                except Drop as d:
+                    st.drop(d, f"{path}:{ln}")
+                    continue
+                seen.add(rec.key)
+                recs.append(rec)
+    if near_dup_threshold is not None and recs:
+        rep = near_duplicates([r.split_key.split() for r in recs], [r.guard for r in recs],
+                              threshold=near_dup_threshold)
+        for r, j in zip(recs, rep):
+            if j >= 0:
+                stats[r.file].drop(Drop("near-duplicate"), r.source)
+        recs = [r for r, j in zip(recs, rep) if j < 0]
+    held = [unit_fraction(r.split_key) < heldout_frac for r in recs]
+    for r in recs:
+        stats[r.file].kept += 1
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "train.jsonl", (_jsonl_line(r) for r, h in zip(recs, held) if not h))
+    _write_atomic(out / "heldout.jsonl", (_jsonl_line(r) for r, h in zip(recs, held) if h))
+    dropped: dict[str, int] = {}
+    for st in stats:
+        for k, v in st.dropped.items():
+            dropped[k] = dropped.get(k, 0) + v
+    summary = IngestSummary(
+        out_dir=str(out), read=sum(s.read for s in stats), kept=len(recs),
+        train=len(recs) - sum(held), heldout=sum(held), dropped=dict(sorted(dropped.items())),
+        malformed=sum(v for k, v in dropped.items() if k in MALFORMED), files=stats,
+        skipped_files=skipped, seconds=round(time.perf_counter() - t0, 3),
+        settings={"column": column, "heldout_frac": heldout_frac, "max_chars": max_chars,
+                  "max_tokens": max_tokens, "near_dup_threshold": near_dup_threshold})
+    _write_atomic(out / "ingest_summary.json", [json.dumps(summary.to_dict(), indent=1)])
+    return summary

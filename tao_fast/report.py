@@ -1,0 +1,273 @@
+"""`tao-fast report RUN_DIR`: one markdown file and PNG plots that show whether TAO worked.
+
+Reads what a run leaves behind (config.yaml, metrics.jsonl, eval_*.json, manifest.jsonl) and
+writes RUN_DIR/report.md with RUN_DIR/report/*.png beside it:
+
+    heldout.png     held-out accuracy (95% CI) before, after each round and at the end,
+                    greedy and sampled pass@1, with the mean output tokens (inference cost)
+    curves.png      mean reward, KL to the reference and zero-signal groups per step
+    throughput.png  generation and training tokens/s per step
+    time_split.png  where the wall time went: generation, scoring, training, weight sync
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+PHASES = (("gen_seconds", "generation"), ("score_seconds", "scoring"),
+          ("train_seconds", "training"), ("sync_seconds", "weight sync"))
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_run(run_dir) -> dict:
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.jsonl").exists():
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (not a tao-fast run directory)")
+    metrics = []
+    for ln, line in enumerate((run_dir / "metrics.jsonl").read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                metrics.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ValueError(f"{run_dir / 'metrics.jsonl'}:{ln}: not JSON") from None
+    evals = {}
+    for f in sorted(run_dir.glob("eval_*.json")):
+        evals[f.stem[len("eval_"):]] = json.loads(f.read_text())
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) \
+        if (run_dir / "config.yaml").exists() else {}
+    manifest = [json.loads(x) for x in (run_dir / "manifest.jsonl").read_text().splitlines()] \
+        if (run_dir / "manifest.jsonl").exists() else []
+    return {"dir": run_dir, "metrics": metrics, "evals": evals, "config": cfg,
+            "manifest": manifest}
+
+
+def eval_points(evals: dict) -> list[str]:
+    """Eval names in run order: before, round1, round2, ..., after."""
+    rounds = sorted((k for k in evals if k.startswith("round") and not k.endswith("_sampled")),
+                    key=lambda k: int(k[5:]))
+    return [k for k in ["before", *rounds, "after"] if k in evals]
+
+
+def _pct(e: dict | None) -> str:
+    if not e:
+        return "-"
+    return f"{100 * e['accuracy']:.1f}% ({100 * e['ci_low']:.1f}-{100 * e['ci_high']:.1f})"
+
+
+def plot_heldout(run: dict, path: Path) -> bool:
+    points = eval_points(run["evals"])
+    if not points:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.38
+    for j, (suffix, label) in enumerate((("", "greedy"), ("_sampled", "sampled pass@1"))):
+        es = [run["evals"].get(p + suffix) for p in points]
+        xs = [i + (j - 0.5) * width for i, e in enumerate(es) if e]
+        if not xs:
+            continue
+        ys = [100 * e["accuracy"] for e in es if e]
+        err = [[100 * (e["accuracy"] - e["ci_low"]) for e in es if e],
+               [100 * (e["ci_high"] - e["accuracy"]) for e in es if e]]
+        bars = ax.bar(xs, ys, width, yerr=err, capsize=3, label=label)
+        for b, e in zip(bars, [e for e in es if e]):  # label above the CI's upper end
+            ax.annotate(f"{100 * e['accuracy']:.1f}%\n{e['mean_response_tokens']:.0f} tok",
+                        (b.get_x() + b.get_width() / 2, 100 * e["ci_high"]), ha="center",
+                        va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(range(len(points)), points)
+    ax.set_ylabel("held-out accuracy, % (95% CI)")
+    ax.set_ylim(0, 115)
+    ax.set_title("Held-out accuracy (label: accuracy, mean output tokens)")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _steps(ms):
+    return [m.get("global_step", i + 1) for i, m in enumerate(ms)]
+
+
+def plot_curves(run: dict, path: Path) -> bool:
+    ms = run["metrics"]
+    if not ms:
+        return False
+    plt = _plt()
+    xs = _steps(ms)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    r = [m["reward_mean"] for m in ms]
+    axes[0].plot(xs, r, marker="o", ms=3, label="mean reward")
+    k = max(1, len(r) // 5)
+    smooth = [sum(r[max(0, i - k + 1):i + 1]) / len(r[max(0, i - k + 1):i + 1])
+              for i in range(len(r))]
+    axes[0].plot(xs, smooth, lw=2, label=f"running mean ({k})")
+    axes[0].set_title("reward per step")
+    axes[0].legend(fontsize=7)
+    kl = [(x, m["kl"]) for x, m in zip(xs, ms) if "kl" in m]
+    if kl:
+        axes[1].plot(*zip(*kl), marker="o", ms=3, color="C2")
+    axes[1].set_title("KL to reference (0 when rl.kl_coef=0)" if kl else "KL: no update steps")
+    axes[2].plot(xs, [m["zero_signal_frac"] for m in ms], marker="o", ms=3, color="C3")
+    axes[2].set_ylim(-0.05, 1.05)
+    axes[2].set_title("groups with no signal (equal rewards)")
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_throughput(run: dict, path: Path) -> bool:
+    ms = run["metrics"]
+    if not ms:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    xs = _steps(ms)
+    ax.plot(xs, [m["gen_tokens_per_s"] for m in ms], marker="o", ms=3,
+            label="generation (new tokens/s)")
+    tr = [(x, m["train_tokens_per_s"]) for x, m in zip(xs, ms) if "train_tokens_per_s" in m]
+    if tr:
+        ax.plot(*zip(*tr), marker="s", ms=3, label="training (tokens/s, fwd+bwd+step)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("tokens / s")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Throughput per phase")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def time_split(ms: list[dict]) -> dict[str, float]:
+    split = {label: sum(m.get(k, 0.0) for m in ms) for k, label in PHASES}
+    split["other"] = max(0.0, sum(m.get("step_seconds", 0.0) for m in ms) - sum(split.values()))
+    return split
+
+
+def plot_time_split(run: dict, path: Path) -> bool:
+    split = time_split(run["metrics"])
+    total = sum(split.values())
+    if total <= 0:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 2.6))
+    left = 0.0
+    for i, (label, secs) in enumerate(split.items()):
+        ax.barh([0], [secs], left=left, color=f"C{i}", label=f"{label} {100 * secs / total:.0f}%")
+        left += secs
+    ax.set_yticks([])
+    ax.set_xlabel("seconds (sum over steps)")
+    ax.set_title(f"Where the step time went ({total / 60:.1f} min in steps)")
+    fig.legend(ncol=5, fontsize=7, loc="lower center")
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def render(run: dict, plots: dict[str, bool]) -> str:
+    cfg, ms, evals = run["config"], run["metrics"], run["evals"]
+    c = {k: cfg.get(k, {}) for k in ("model", "data", "rollout", "rl", "scoring", "run")}
+    lines = [f"# TAO report: {run['dir'].name}", "",
+             f"- model `{c['model'].get('path', '?')}`, data `{c['data'].get('train', '?')}`, "
+             f"scorer `{json.dumps(c['scoring'].get('scorer', '?'))}`",
+             f"- {len(ms)} steps x {c['rl'].get('prompts_per_step', '?')} prompts x "
+             f"{c['rollout'].get('n', '?')} candidates (temperature "
+             f"{c['rollout'].get('temperature', '?')}), algorithm {c['rl'].get('algorithm', '?')},"
+             f" lr {c['rl'].get('lr', '?')}", ""]
+    points = eval_points(evals)
+    if points:
+        lines += ["## Held-out evaluation", "",
+                  "| when | greedy accuracy (95% CI) | sampled pass@1 (95% CI) | mean score | "
+                  "output tokens / response |", "| --- | --- | --- | --- | --- |"]
+        for p in points:
+            e, s = evals[p], evals.get(p + "_sampled")
+            lines.append(f"| {p} | {_pct(e)} | {_pct(s)} | {e['mean_score']:.3f} | "
+                         f"{e['mean_response_tokens']:.1f} |")
+        if "before" in evals and "after" in evals:
+            b, a = evals["before"], evals["after"]
+            lines += ["", f"Change in greedy accuracy: {100 * (a['accuracy'] - b['accuracy']):+.1f}"
+                      f" points (n={a['n']}); output tokens per response "
+                      f"{b['mean_response_tokens']:.1f} -> {a['mean_response_tokens']:.1f} "
+                      f"(same model size: inference cost changes only with length)."]
+        lines.append("")
+    if plots.get("heldout"):
+        lines += ["![held-out accuracy](report/heldout.png)", ""]
+    if ms:
+        r = [m["reward_mean"] for m in ms]
+        k = max(1, len(r) // 4)
+        lines += ["## Training", "",
+                  f"- mean reward: first {k} steps {sum(r[:k]) / k:.3f}, last {k} steps "
+                  f"{sum(r[-k:]) / k:.3f}",
+                  f"- steps skipped (every group equal): {sum('skipped' in m for m in ms)}; "
+                  f"mean zero-signal fraction "
+                  f"{sum(m['zero_signal_frac'] for m in ms) / len(ms):.2f}"]
+        diffs = [m["sampler_logprob_abs_diff"] for m in ms if "sampler_logprob_abs_diff" in m]
+        outs = [m["sampler_ratio_outside"] for m in ms if "sampler_ratio_outside" in m]
+        if diffs:
+            lines.append(f"- sampler vs learner log-probs: mean |diff| "
+                         f"{sum(diffs) / len(diffs):.4f}, tokens with ratio outside "
+                         f"[0.8, 1.25]: {100 * sum(outs) / len(outs):.2f}%")
+        fails: dict[str, int] = {}
+        for m in ms:
+            for key, v in m.items():
+                if key.startswith("score_failures/"):
+                    fails[key.split("/", 1)[1]] = fails.get(key.split("/", 1)[1], 0) + v
+        lines.append("- scoring failures: " + (", ".join(f"{k} {v}" for k, v in fails.items())
+                                               if fails else "none"))
+        stat_keys = sorted({k for m in ms for k in m if "/" in k
+                            and not k.startswith("score_failures/")})
+        for key in stat_keys:
+            vals = [m[key] for m in ms if key in m]
+            lines.append(f"- {key}: mean {sum(vals) / len(vals):.3f} over {len(vals)} steps")
+        lines.append("")
+        if plots.get("curves"):
+            lines += ["![reward, KL, zero-signal groups](report/curves.png)", ""]
+        split = time_split(ms)
+        total = sum(split.values()) or 1.0
+        lines += ["## Where the time went", "", "| phase | seconds | share |",
+                  "| --- | --- | --- |"]
+        lines += [f"| {k} | {v:.1f} | {100 * v / total:.0f}% |" for k, v in split.items()]
+        gen = [m["gen_tokens_per_s"] for m in ms]
+        tr = [m["train_tokens_per_s"] for m in ms if "train_tokens_per_s" in m]
+        lines += ["", f"Generation {sum(gen) / len(gen):.0f} tokens/s mean"
+                  + (f", training {sum(tr) / len(tr):.0f} tokens/s mean." if tr else "."), ""]
+        for name, title in (("throughput", "tokens/s per phase"), ("time_split", "time split")):
+            if plots.get(name):
+                lines += [f"![{title}](report/{name}.png)", ""]
+    if run["manifest"]:
+        lines += ["## Data per round", "", "| round | new files | new prompts | replayed |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {m['round']} | {len(m['new_files'])} | {m['n_new']} | {m['n_replay']} |"
+                  for m in run["manifest"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def report(run_dir) -> Path:
+    """Write RUN_DIR/report.md and RUN_DIR/report/*.png; returns the markdown path."""
+    from tao_fast.checkpoint import atomic_write_text
+
+    run = read_run(run_dir)
+    out = run["dir"] / "report"
+    out.mkdir(exist_ok=True)
+    plots = {name: fn(run, out / f"{name}.png") for name, fn in
+             (("heldout", plot_heldout), ("curves", plot_curves),
+              ("throughput", plot_throughput), ("time_split", plot_time_split))}
+    path = run["dir"] / "report.md"
+    atomic_write_text(path, render(run, plots))
+    return path
