@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from tao_fast.cli import main
 from tao_fast.data import ingest as ing
-from tao_fast.data import read_jsonl
+from tao_fast.data import logs, read_jsonl
 from tao_fast.data.dedup import near_duplicates, normalize
 from tao_fast.data.ingest import IngestError, ingest
 
@@ -180,7 +180,7 @@ def test_huge_fields(tmp_path, monkeypatch):
     s = ingest([tmp_path / "big.csv"], tmp_path / "o2", max_chars=None, heldout_frac=0.0)
     assert s.kept == 2 and csv.field_size_limit() == before
     assert out_records(tmp_path / "o2")[0]["messages"][0]["content"] == field
-    monkeypatch.setattr(ing, "MAX_LINE_BYTES", 1000)  # a line too long to even parse: skipped
+    monkeypatch.setattr(logs, "MAX_LINE_BYTES", 1000)  # a line too long to even parse: skipped
     path = jl(tmp_path / "huge.jsonl", [{"prompt": "z" * 5000}, {"prompt": "after"}])
     s = ingest([path], tmp_path / "o3", heldout_frac=0.0)
     assert s.dropped == {"too long": 1} and user_texts(tmp_path / "o3") == ["after"]

@@ -1,0 +1,274 @@
+"""Reading request logs: files and directories of JSONL, CSV/TSV and Parquet (gzip or not),
+and one logged record -> the chat messages of its prompt. `tao_fast.data.ingest` cleans,
+deduplicates and splits what comes out of here; its docstring lists the formats and decisions.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import sys
+import zlib
+from pathlib import Path
+
+from tao_fast.data.prompts import PromptFileError
+
+MAX_LINE_BYTES = 64 << 20  # a longer JSONL line is skipped unread, as "too long"
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv",
+           ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet"}
+TEXT_PARTS = ("text", "input_text", "output_text")
+ROLE_MAP = {"developer": "system", "system": "system", "user": "user", "assistant": "assistant",
+            "tool": "tool", "function": "tool"}
+
+
+class IngestError(PromptFileError):
+    """Input that cannot be read at all (missing column, corrupt file): the run stops."""
+
+
+class Drop(Exception):
+    """One record is skipped, for `reason` (a summary key); `detail` says more."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+# ---- reading -------------------------------------------------------------------------------
+def _format(path: Path) -> str | None:
+    sfx = [s.lower() for s in path.suffixes]
+    if sfx and sfx[-1] == ".gz":
+        sfx.pop()
+    return FORMATS.get(sfx[-1]) if sfx else None
+
+
+def _expand(paths, out_dir: Path) -> tuple[list[Path], list[str]]:
+    files, skipped, seen = [], [], set()
+    out = out_dir.resolve()
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"input {p} does not exist")
+        if p.is_dir():
+            found = [f for f in sorted(p.rglob("*")) if f.is_file()
+                     and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                     and out not in f.resolve().parents]
+            skipped += [str(f) for f in found if _format(f) is None]
+            found = [f for f in found if _format(f) is not None]
+            if not found:
+                raise IngestError(f"{p}: no .jsonl/.json/.ndjson/.csv/.tsv/.parquet files "
+                                  "(optionally .gz) in this directory")
+        else:
+            found = [p]
+        for f in found:
+            if f.resolve() not in seen:
+                seen.add(f.resolve())
+                files.append(f)
+    return files, skipped
+
+
+def _is_gz(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(2) == b"\x1f\x8b" or path.suffix.lower() == ".gz"
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if _is_gz(path) else path.open("rb")
+
+
+def _lines(f):
+    """(line number, bytes) per line; bytes is None for a line over MAX_LINE_BYTES (unread)."""
+    ln = 0
+    while raw := f.readline(MAX_LINE_BYTES + 1):
+        ln += 1
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+            raw = None
+        elif ln == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark
+            raw = raw[3:]
+        yield ln, raw
+
+
+def read_jsonl_objects(path: Path):
+    """(line, object, None) or (line, None, Drop) per non-blank line."""
+    with _open(path) as f:
+        for ln, raw in _lines(f):
+            if raw is None:
+                yield ln, None, Drop("too long", f"line over {MAX_LINE_BYTES:,} bytes")
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield ln, None, Drop("not UTF-8", f"byte {e.start}")
+                continue
+            if not text.strip():
+                continue
+            try:
+                obj, err = json.loads(text), None
+            except json.JSONDecodeError as e:
+                obj, err = None, Drop("invalid JSON", f"{e.msg} at column {e.colno}")
+            except RecursionError:
+                obj, err = None, Drop("invalid JSON", "nested too deeply")
+            yield ln, obj, err
+
+
+def read_csv_column(path: Path, column: str, delimiter: str = ","):
+    """(line where the row starts, cell, None) or (line, None, Drop) per non-blank row."""
+    old = csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))  # prompts can be huge
+    try:
+        with _open(path) as f:
+            def text_lines():
+                for ln, raw in _lines(f):
+                    if raw is None:
+                        raise IngestError(f"{path}:{ln}: a CSV line over {MAX_LINE_BYTES:,} bytes")
+                    yield raw.decode("utf-8", "surrogateescape")  # bad bytes checked per cell
+
+            rows = csv.reader(text_lines(), delimiter=delimiter)
+            try:
+                header = next(rows, None)
+            except csv.Error as e:
+                raise IngestError(f"{path}:1: unreadable CSV header ({e})") from None
+            if header is None:
+                return
+            if column not in header:
+                raise IngestError(f"{path}: no column {column!r} (columns: {header}); "
+                                  "pass --column NAME")
+            idx, start = header.index(column), rows.line_num + 1
+            while True:
+                try:
+                    row = next(rows)
+                except StopIteration:
+                    return
+                except csv.Error as e:
+                    yield start, None, Drop("bad CSV row", str(e))
+                    start = rows.line_num + 1
+                    continue
+                ln, start = start, rows.line_num + 1
+                if not row:
+                    continue
+                if idx >= len(row):
+                    yield ln, None, Drop("bad CSV row", f"{len(row)} fields, header has {len(header)}")
+                    continue
+                try:
+                    row[idx].encode("utf-8")
+                except UnicodeEncodeError:
+                    yield ln, None, Drop("not UTF-8", f"in column {column!r}")
+                    continue
+                yield ln, row[idx], None
+    finally:
+        csv.field_size_limit(old)
+
+
+def read_parquet_column(path: Path, column: str):
+    """(row number, value, None) per row of `column` (text, or a list of messages)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise IngestError(f"{path}: reading Parquet needs the 'pyarrow' package "
+                          "(pip install pyarrow)") from None
+    try:
+        with _open(path) as src:
+            pf = pq.ParquetFile(src)
+            names = pf.schema_arrow.names
+            if column not in names:
+                raise IngestError(f"{path}: no column {column!r} (columns: {names}); "
+                                  "pass --column NAME")
+            n = 0
+            for batch in pf.iter_batches(batch_size=4096, columns=[column]):
+                for value in batch.column(0).to_pylist():
+                    n += 1
+                    yield n, value, None
+    except pa.ArrowException as e:
+        raise IngestError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def _read(path: Path, fmt: str, column: str):
+    try:
+        if fmt == "parquet":
+            yield from read_parquet_column(path, column)
+        elif fmt in ("csv", "tsv"):
+            yield from read_csv_column(path, column, "\t" if fmt == "tsv" else ",")
+        else:
+            yield from read_jsonl_objects(path)
+    except (OSError, EOFError, zlib.error) as e:
+        raise IngestError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+
+# ---- one record -> messages ----------------------------------------------------------------
+def _content(c, i: int) -> str:
+    if c is None or isinstance(c, str):
+        return c or ""
+    if not isinstance(c, list):
+        raise Drop("bad messages", f"messages[{i}].content is a {type(c).__name__}")
+    texts = []
+    for p in c:
+        if isinstance(p, str):
+            texts.append(p)
+        elif isinstance(p, dict) and p.get("type") in TEXT_PARTS and isinstance(p.get("text"), str):
+            texts.append(p["text"])
+        elif isinstance(p, dict) and p.get("type") in TEXT_PARTS:
+            raise Drop("bad messages", f"messages[{i}]: a text part without a string 'text'")
+        else:
+            kind = p.get("type") if isinstance(p, dict) else type(p).__name__
+            raise Drop("non-text content", f"messages[{i}] has a {kind!r} part")
+    return "\n".join(texts)
+
+
+def _messages(msgs) -> list[dict]:
+    """Chat messages up to the last user turn: system and earlier turns kept, answer dropped."""
+    if not isinstance(msgs, list) or not msgs:
+        raise Drop("bad messages", "'messages' must be a non-empty list")
+    roles = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise Drop("bad messages", f"messages[{i}] is a {type(m).__name__}")
+        role = m.get("role")
+        if role is None and "call" in str(m.get("type", "")):  # Responses API tool items
+            role = "tool"
+        if role not in ROLE_MAP:
+            raise Drop("bad messages", f"messages[{i}]: unknown role {role!r}")
+        roles.append(ROLE_MAP[role])
+    last = max((i for i, r in enumerate(roles) if r == "user"), default=-1)
+    if last < 0:
+        raise Drop("no user message")
+    out = []
+    for i, (role, m) in enumerate(zip(roles[:last + 1], msgs)):
+        if role == "tool" or m.get("tool_calls") or m.get("function_call"):
+            raise Drop("tool turns", f"messages[{i}]")
+        out.append({"role": role, "content": _content(m.get("content"), i)})
+    return out
+
+
+def _from_obj(obj, column: str) -> list[dict]:
+    if not isinstance(obj, dict):
+        raise Drop("not a JSON object", f"a JSON {type(obj).__name__}")
+    keys = sorted(map(str, obj))[:8]
+    # unwrap log envelopes: {"request": ..}, batch-API {"body": ..}, {"input": {..}, "output": ..}
+    while not (any(k in obj for k in ("messages", column, "prompt"))
+               or isinstance(obj.get("input"), (str, list))):
+        obj = next((obj[k] for k in ("request", "body", "input") if isinstance(obj.get(k), dict)),
+                   None)
+        if obj is None:
+            raise Drop("no prompt", f"no 'messages' or {column!r}; keys: {keys}")
+    if "messages" in obj:
+        return _messages(obj["messages"])
+    if column in obj or "prompt" in obj:
+        return _from_value(obj[column] if column in obj else obj["prompt"])
+    inp = obj["input"]  # Responses API: `instructions` + `input` (text or message items)
+    inp = [{"role": "user", "content": inp}] if isinstance(inp, str) else inp
+    if isinstance(obj.get("instructions"), str) and obj["instructions"]:
+        inp = [{"role": "system", "content": obj["instructions"]}] + inp
+    return _messages(inp)
+
+
+def _from_value(v) -> list[dict]:
+    """A CSV/Parquet cell or a `prompt` field: text, or a list of messages."""
+    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str):
+        v = v[0]  # the completions API's prompt list of one
+    if isinstance(v, str):
+        return [{"role": "user", "content": v}]
+    if v is None:
+        raise Drop("empty")
+    if isinstance(v, list) and all(isinstance(m, dict) for m in v):
+        return _messages(v)
+    raise Drop("bad prompt", f"a {type(v).__name__}, not text")
