@@ -90,6 +90,18 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def _spec(text: str):
+    """A scorer spec from the command line: a name, python:..., or a YAML/JSON mapping."""
+    if text.strip().startswith("{"):
+        import yaml
+
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--scorer {text!r}: not a valid mapping: {e}") from None
+    return text
+
+
 def cmd_eval(args) -> int:
     from tao_fast.data import arithmetic_split, read_jsonl
     from tao_fast.eval import evaluate
@@ -98,8 +110,9 @@ def cmd_eval(args) -> int:
         _, prompts = arithmetic_split(args.n_train_exclude, args.n, args.seed)
     else:
         prompts = read_jsonl(args.prompts)[:args.n]
-    res = evaluate(args.model, prompts, args.scorer, max_tokens=args.max_tokens,
-                   temperature=args.temperature, samples=args.samples, select=args.select,
+    res = evaluate(args.model, prompts, _spec(args.scorer), max_tokens=args.max_tokens,
+                   temperature=args.temperature, samples=args.samples,
+                   select=_spec(args.select) if args.select else None,
                    strategy=args.strategy, progress=True)
     print(res.summary())
     if args.out:
@@ -200,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint directory (HF safetensors), .gguf file, or embedded:NAME")
     e.add_argument("--prompts", default="builtin:arithmetic",
                    help="JSONL prompt file, or builtin:arithmetic (the demo's held-out set)")
-    e.add_argument("--scorer", default="arithmetic", help="scorer spec, as in scoring.scorer")
+    e.add_argument("--scorer", default="arithmetic",
+                   help="scorer spec, as in scoring.scorer: a name, python:module:function, "
+                   "or a mapping such as '{type: consensus, extract: boxed}'")
     e.add_argument("--n", type=int, default=200, help="number of prompts (default 200)")
     e.add_argument("--max-tokens", type=int, default=48)
     e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

@@ -19,7 +19,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tao_fast.config import TaoConfig
+from tao_fast.config import ConfigError, TaoConfig
 
 
 def _acc(e: dict | None) -> dict | None:
@@ -91,7 +91,7 @@ def scale(cfg: TaoConfig, ns=(2, 4, 8, 16), out_dir="runs/scale", controls: bool
     """Tune at every N in `ns` (plus the controls) and write OUT/scale.{json,md,png}."""
     ns = sorted(set(int(n) for n in ns))
     if not ns or ns[0] < 2:
-        raise ValueError(f"--n: every N must be >= 2 (a group needs two candidates), got {ns}")
+        raise ConfigError(f"--n: every N must be >= 2 (a group needs two candidates), got {ns}")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     rows = []

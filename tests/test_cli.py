@@ -7,7 +7,8 @@ from tao_fast.cli import main
 from tao_fast.eval import wilson_interval
 
 
-@pytest.mark.parametrize("cmd", [[], ["demo"], ["tune"], ["eval"]])
+@pytest.mark.parametrize("cmd", [[], ["demo"], ["tune"], ["eval"], ["report"], ["scale"],
+                                 ["ingest"]])
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main(cmd + ["--help"])
@@ -23,6 +24,20 @@ def test_bad_override_is_a_clear_error(capsys):
 def test_missing_config_file(capsys, tmp_path):
     assert main(["tune", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["tune"], "give --config FILE for a new run or --resume RUN_DIR"),
+    (["tune", "--resume", "/nonexistent/run"], "no config.yaml there"),
+    (["report", "/nonexistent/run"], "not a tao-fast run directory"),
+    (["scale", "--n", "1,2", "--out", "/nonexistent/x"], "every N must be >= 2"),
+    (["scale", "--n", "two"], "comma-separated integers"),
+    (["eval", "--scorer", "{type: [", "--n", "1"], "not a valid mapping"),
+])
+def test_command_errors_are_one_clear_line(argv, msg, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
 
 
 def test_console_script_installed():
