@@ -82,11 +82,17 @@ def cmd_tune(args) -> int:
     if bool(args.config) == bool(args.resume):
         raise ConfigError("tune: give --config FILE for a new run or --resume RUN_DIR")
     res = tune(args.config, args.overrides, resume=args.resume)
+    from tao_fast.rl import distributed
+
+    if not distributed.is_main():  # under torchrun rank 0 reports
+        distributed.shutdown()
+        return 0
     _write_report(res.run_dir)
     print(json.dumps({"run_dir": str(res.run_dir), "checkpoint": str(res.checkpoint),
                       "before": res.eval_before and res.eval_before.accuracy,
                       "after": res.eval_after and res.eval_after.accuracy,
                       "wall_seconds": round(res.wall_seconds, 1)}))
+    distributed.shutdown()
     return 0
 
 
@@ -144,7 +150,7 @@ def cmd_scale(args) -> int:
     except ValueError:
         raise ConfigError(f"--n: expected comma-separated integers, got {args.n!r}") from None
     cfg = load_config(args.config, args.overrides, base=None if args.config else DEMO)
-    res = scale(cfg, ns, args.out, controls=not args.no_controls)
+    res = scale(cfg, ns, args.out, controls=[c for c in args.controls.split(",") if c])
     from pathlib import Path
 
     print((Path(args.out) / "scale.md").read_text())
@@ -247,8 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--config", help="YAML/TOML run config (default: the demo's settings)")
     sc.add_argument("--n", default="2,4,8,16", help="comma-separated N values (default 2,4,8,16)")
     sc.add_argument("--out", default="runs/scale", help="output directory (default runs/scale)")
-    sc.add_argument("--no-controls", action="store_true",
-                    help="skip the random-scorer run and the best-of-N evaluation")
+    sc.add_argument("--controls", default="random,best-of-n",
+                    help="reference lines to compute: random (a random-scorer tune at N=8) "
+                    "and/or best-of-n (the base model's best-of-N at inference); '' for none")
     sc.add_argument("overrides", nargs="*", help=_overrides_help())
     sc.set_defaults(func=cmd_scale)
 
@@ -299,6 +306,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("tao-fast: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:  # a peer rank died under torchrun: one clear line, no traceback
+        if type(e).__name__ != "DistributedError":
+            raise
+        print(f"tao-fast: error: {e}", file=sys.stderr, flush=True)
+        import os
+
+        os._exit(3)  # no interpreter teardown: destroying a gloo group whose peer died can abort()
 
 
 if __name__ == "__main__":

@@ -75,9 +75,23 @@ class RolloutConfig:
     strategy: str = "plain"  # plain | cot | structured (how the prompt asks for the answer)
     dtype: str = "float32"  # sampler weights; bfloat16 halves CPU matmul time
     max_batch_rows: int = 256  # torch engine: sequences decoded together
+    # vLLM engine (rollout.engine=vllm, or auto with vLLM installed):
+    gpu_memory_utilization: float = 0.5  # share of GPU memory for vLLM's weights + KV cache
+    kv_cache_gb: float = 0.0  # KV cache size; 0 = from the share on a GPU, 1 GiB on the CPU backend
+    max_model_len: int = 0  # prompt + response tokens per sequence; 0 = the model's maximum
+    enforce_eager: bool | str = "auto"  # true | false (compiled, CUDA graphs) | auto (eager on CPU)
+    weight_sync: str = "auto"  # shared (vLLM's tensors = the learner's) | reload (vLLM's own
+    # in-place reload; keeps its packed CPU GEMMs) | auto (shared): tao_fast/rollout/vllm_engine.py
 
     def __post_init__(self):
         _one_of(self.engine, ("auto", "torch", "vllm"), "rollout.engine")
+        _check(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
+               f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        _check(self.kv_cache_gb >= 0, "rollout.kv_cache_gb", f"must be >= 0, got {self.kv_cache_gb}")
+        _check(self.max_model_len >= 0, "rollout.max_model_len",
+               f"must be >= 0 (0 = the model's maximum), got {self.max_model_len}")
+        _one_of(self.enforce_eager, (True, False, "auto"), "rollout.enforce_eager")
+        _one_of(self.weight_sync, ("auto", "shared", "reload"), "rollout.weight_sync")
         _check(self.n >= 1, "rollout.n", f"must be >= 1, got {self.n}")
         _check(self.temperature >= 0, "rollout.temperature", f"must be >= 0, got {self.temperature}")
         _check(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
@@ -118,6 +132,10 @@ class RLConfig:
     micro_batch_tokens: int = 4096  # token budget of one forward/backward
     std_normalize: bool = True  # GRPO divides advantages by the group's std; Dr.GRPO doesn't
     warmup_steps: int = 0  # linear learning-rate warm-up, then constant
+    # under torchrun: ddp (a full replica per rank, gradients summed) | fsdp (FSDP2
+    # fully_shard: parameters, gradients and AdamW state sharded) | auto (ddp where a replica
+    # fits the GPU by the accounting in rl/memory.py, else fsdp; ddp on the CPU)
+    parallel: str = "auto"
 
     def __post_init__(self):
         _one_of(self.algorithm, ("grpo", "dr-grpo", "rloo"), "rl.algorithm")
@@ -132,6 +150,7 @@ class RLConfig:
         _check(self.prompts_per_step >= 1, "rl.prompts_per_step", "must be >= 1")
         _check(self.micro_batch_tokens >= 16, "rl.micro_batch_tokens", "must be >= 16")
         _check(self.warmup_steps >= 0, "rl.warmup_steps", "must be >= 0")
+        _one_of(self.parallel, ("auto", "ddp", "fsdp"), "rl.parallel")
 
 
 @dataclass
@@ -158,8 +177,10 @@ class RunConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default
     save_every: int = 10  # steps between resumable training states (0 = at round ends only)
     progress: bool = True
+    dist_timeout_s: float = 300.0  # under torchrun: longest wait on another rank before failing
 
     def __post_init__(self):
+        _check(self.dist_timeout_s > 0, "run.dist_timeout_s", "must be > 0")
         _check(self.steps >= 0, "run.steps", f"must be >= 0, got {self.steps}")
         _check(self.rounds >= 1, "run.rounds", f"must be >= 1, got {self.rounds}")
         _check(self.threads >= 0, "run.threads", "must be >= 0")

@@ -87,8 +87,17 @@ def best_of_n(cfg: TaoConfig, ns: list[int], out: Path) -> dict:
     return res
 
 
-def scale(cfg: TaoConfig, ns=(2, 4, 8, 16), out_dir="runs/scale", controls: bool = True) -> dict:
-    """Tune at every N in `ns` (plus the controls) and write OUT/scale.{json,md,png}."""
+CONTROLS = ("random", "best-of-n")
+
+
+def scale(cfg: TaoConfig, ns=(2, 4, 8, 16), out_dir="runs/scale", controls=CONTROLS) -> dict:
+    """Tune at every N in `ns` (plus the controls: "random", "best-of-n") and write
+    OUT/scale.{json,md,png}."""
+    if controls is True or controls is False:
+        controls = CONTROLS if controls else ()
+    unknown = set(controls) - set(CONTROLS)
+    if unknown:
+        raise ConfigError(f"--controls: unknown {sorted(unknown)} (known: {list(CONTROLS)})")
     ns = sorted(set(int(n) for n in ns))
     if not ns or ns[0] < 2:
         raise ConfigError(f"--n: every N must be >= 2 (a group needs two candidates), got {ns}")
@@ -119,7 +128,7 @@ def scale(cfg: TaoConfig, ns=(2, 4, 8, 16), out_dir="runs/scale", controls: bool
         row["flops"] = tuning_flops(d, n_params)
         row["wall_seconds"] = json.loads((d / "summary.json").read_text())["wall_seconds"]
     result = {"ns": ns, "before": _acc(before), "runs": rows, "n_params": n_params}
-    if controls:
+    if "random" in controls:
         mid = 8 if 8 in ns else ns[len(ns) // 2]
         c = copy.deepcopy(cfg)
         c.rollout.n, c.eval.before = mid, False
@@ -130,6 +139,7 @@ def scale(cfg: TaoConfig, ns=(2, 4, 8, 16), out_dir="runs/scale", controls: bool
             if (d / "eval_after.json").exists() else None
         result["random"] = {"n": mid, "after": _acc(after),
                             "flops": tuning_flops(d, n_params)}
+    if "best-of-n" in controls:
         result["best_of_n"] = best_of_n(cfg, ns, out)
     from tao_fast.checkpoint import atomic_write_text
 

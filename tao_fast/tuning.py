@@ -30,10 +30,12 @@ from tao_fast.data import arithmetic_split, read_jsonl
 from tao_fast.data.rounds import discover, plan_round, pool_from_manifest, read_manifest
 from tao_fast.data.prompts import encode_prompt
 from tao_fast.eval import EvalResult, evaluate
+from tao_fast.rl import distributed as dist_
 from tao_fast.rl.advantages import group_advantages
 from tao_fast.rl.state import estimate_bytes, latest_state, load_state, save_state
 from tao_fast.rl.trainer import Learner, samples_from_rollouts
 from tao_fast.rollout import SamplingParams
+from tao_fast.rollout.vllm_engine import PeakMemory
 from tao_fast.scoring import ScorerContext, build_scorer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -70,13 +72,31 @@ def load_prompts(cfg: TaoConfig):
 
 
 def make_engine(cfg: TaoConfig, model, tokenizer):
-    """The rollout engine. The torch engine shares the learner's tensors when the dtypes
-    match; with rollout.dtype=bfloat16 it keeps a bf16 copy that each sync casts into in place."""
+    """The rollout engine: vLLM in-process (rollout.engine=vllm, or auto when a supported vLLM is
+    installed; see tao_fast/rollout/vllm_engine.py for its weight-sync and sleep paths), else the
+    torch engine, which shares the learner's tensors when the dtypes match; with
+    rollout.dtype=bfloat16 it keeps a bf16 copy that each sync casts into in place."""
     from tao_fast.rollout.torch_engine import TorchEngine
 
-    if cfg.rollout.engine == "vllm":
-        raise ConfigError("rollout.engine=vllm: the vLLM engine is not part of this version "
-                          "yet; use rollout.engine=torch")
+    ro = cfg.rollout
+    if ro.engine in ("auto", "vllm"):  # auto: vLLM whenever it is installed and supported
+        from tao_fast.models.loader import resolve_model_path
+        from tao_fast.rollout import vllm_engine
+
+        ok, why = vllm_engine.vllm_status()
+        if ok:
+            try:
+                return vllm_engine.VllmEngine(
+                    resolve_model_path(cfg.model.path), model, tokenizer, dtype=ro.dtype,
+                    gpu_memory_utilization=ro.gpu_memory_utilization, kv_cache_gb=ro.kv_cache_gb,
+                    max_model_len=ro.max_model_len, enforce_eager=ro.enforce_eager,
+                    weight_sync=ro.weight_sync, seed=cfg.run.seed)
+            except vllm_engine.VllmUnavailable as e:
+                ok, why = False, str(e)
+        if ro.engine == "vllm":
+            raise ConfigError(f"rollout.engine=vllm: {why}")
+        if vllm_engine.vllm_installed():
+            log(f"[tao-fast] rollout engine: torch (vLLM not used: {why})")
     sampler = model
     if _DTYPES[cfg.rollout.dtype] != model.embed_tokens.weight.dtype:
         sampler = copy.deepcopy(model).to(_DTYPES[cfg.rollout.dtype]).requires_grad_(False)
@@ -86,7 +106,7 @@ def make_engine(cfg: TaoConfig, model, tokenizer):
 def _check_writable(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        probe = run_dir / f".write-test-{os.getpid()}"  # ranks probe side by side
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -105,6 +125,8 @@ def _check_space(run_dir: Path, model) -> None:
 
 
 def _write_lines(path: Path, lines: list[dict]) -> None:
+    if not dist_.is_main():  # under torchrun rank 0 alone writes the run directory
+        return
     atomic_write_text(path, "".join(json.dumps(x) + "\n" for x in lines))
 
 
@@ -122,7 +144,8 @@ def _eval(cfg, engine, tokenizer, scorer, prompts, name, run_dir) -> EvalResult 
                        max_tokens=cfg.eval.max_tokens, temperature=temp, samples=k,
                        strategy=cfg.rollout.strategy, system_prompt=cfg.data.system_prompt,
                        progress=cfg.run.progress, seed=cfg.run.seed)
-        res.save(run_dir / f"eval_{name}{suffix}.json")
+        if dist_.is_main():  # every rank evaluates (same answers); rank 0 writes
+            res.save(run_dir / f"eval_{name}{suffix}.json")
         log(f"[eval {name}] held-out {res.summary()} ({res.seconds:.0f} s)")
         out = out or res
     return out
@@ -147,7 +170,10 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
             raise ConfigError(f"run.output_dir: {run_dir} already holds a run; continue it with "
                               f"`tao-fast tune --resume {run_dir}` or choose another directory")
     _check_writable(run_dir)
-    save_config(cfg, run_dir / "config.yaml")
+    if dist_.init(cfg.run.dist_timeout_s, run_dir) and not dist_.is_main():
+        cfg.run.progress = False  # one progress bar, rank 0's
+    else:
+        save_config(cfg, run_dir / "config.yaml")
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)
@@ -197,7 +223,8 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
     else:
         _write_lines(metrics_path, [])
     manifest = manifest[:rnd - 1 if pool is None else rnd]
-    engine = make_engine(cfg, model, tok)  # after the resumed weights are in the model
+    # after the resumed weights are in the model; under FSDP, a whole-weight replica
+    engine = make_engine(cfg, learner.full_model(), tok)
     policy.update(engine=engine, tokenizer=tok)
     log(f"[tao-fast] model {model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
         f"params), {len(train)} training prompts, {len(held)} held-out, scorer {scorer.name}"
@@ -221,8 +248,10 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
                  "metrics_lines": len(result.metrics),
                  "checkpoint": str(result.checkpoint or "")}
         try:
-            save_state(run_dir, (rnd_ - 1) * cfg.run.steps + step_, model, learner.opt,
-                       learner.sched, extra)
+            full = learner.full_state()  # FSDP: gathered to rank 0 (every rank takes part)
+            if dist_.is_main():
+                save_state(run_dir, (rnd_ - 1) * cfg.run.steps + step_, model, learner.opt,
+                           learner.sched, extra, **full)
         except OSError as e:
             last = latest_state(run_dir)
             raise OSError(e.errno, f"cannot write the training state to {run_dir / 'state'}: "
@@ -254,14 +283,15 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
             for i in idx:
                 if i not in encoded:
                     encoded[i] = encode_prompt(pool[i], tok, ro.strategy, cfg.data.system_prompt)
-            rollouts = engine.generate(
-                [encoded[i] for i in idx],
+            # under torchrun each rank samples and scores a slice; every rank gets the whole
+            rollouts, scores, gen_s, score_s = dist_.generate_and_score(
+                engine, scorer, [encoded[i] for i in idx], recs,
                 SamplingParams(n=ro.n, temperature=ro.temperature, top_p=ro.top_p,
-                               max_tokens=ro.max_tokens, seed=cfg.run.seed * 1_000_003 + gstep),
+                               max_tokens=ro.max_tokens, seed=cfg.run.seed * 1_000_003 + gstep,
+                               prompt_index=0),
                 progress=cfg.run.progress)
-            t_gen = time.perf_counter()
-            scores = scorer.score(recs, rollouts.texts)
-            t_score = time.perf_counter()
+            t_gen = t0 + gen_s
+            t_score = t_gen + score_s
             advs, signal = group_advantages(scores.rewards, cfg.rl.algorithm,
                                             cfg.rl.std_normalize)
             samples = samples_from_rollouts(rollouts, advs, signal)
@@ -279,26 +309,43 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
                  "gen_tokens": rollouts.stats["tokens"],
                  "gen_tokens_per_s": rollouts.stats["tokens_per_s"],
                  "gen_seconds": t_gen - t0, "score_seconds": t_score - t_gen}
-            if samples:
-                m.update(learner.step(samples))
-                t_sync = time.perf_counter()
-                if engine.model is not model:
-                    engine.load_weights(model.named_parameters())
-                m["sync_seconds"] = time.perf_counter() - t_sync
+            if samples:  # vLLM's KV cache sleeps through the update; the new weights go in after
+                with PeakMemory(model.embed_tokens.weight.device) as peak:
+                    t1 = time.perf_counter()
+                    engine.sleep()
+                    t2 = time.perf_counter()
+                    try:
+                        m.update(learner.step(samples))
+                        t3 = time.perf_counter()
+                        if engine.model is not model:
+                            engine.load_weights(learner.named_full_parameters())
+                        t4 = time.perf_counter()
+                    finally:
+                        engine.wake()
+                    t5 = time.perf_counter()
+                m.update(sleep_seconds=t2 - t1, sync_seconds=t4 - t3, wake_seconds=t5 - t4,
+                         sync_path=getattr(engine, "sync_path",
+                                           "same-tensors" if engine.model is model else "copy"),
+                         peak_memory_mb=max(peak.peak_mb,
+                                            rollouts.stats.get("peak_memory_mb", 0.0)))
             else:
                 m["skipped"] = "every group had equal rewards"
             m["step_seconds"] = time.perf_counter() - t0
             result.metrics.append(m)
-            with open(metrics_path, "a", encoding="utf-8") as mf:
-                mf.write(json.dumps(m) + "\n")
+            if dist_.is_main():
+                with open(metrics_path, "a", encoding="utf-8") as mf:
+                    mf.write(json.dumps(m) + "\n")
             bar.update(1)
             bar.set_postfix(reward=f"{mean:.3f}", zero=m["zero_signal_groups"])
             if cfg.run.save_every and gstep % cfg.run.save_every == 0 and step < cfg.run.steps:
                 save(rnd, step, order)
             step += 1
-        result.checkpoint = save_checkpoint(
-            model, tok, run_dir / f"checkpoint-round{rnd}",
-            extra={"round": rnd, "steps": learner.steps_done, "base_model": str(model_dir)})
+        result.checkpoint = run_dir / f"checkpoint-round{rnd}"
+        whole = learner.full_model()  # FSDP: gathered from the shards (every rank takes part)
+        if dist_.is_main():
+            result.checkpoint = save_checkpoint(
+                whole, tok, run_dir / f"checkpoint-round{rnd}",
+                extra={"round": rnd, "steps": learner.steps_done, "base_model": str(model_dir)})
         log(f"[tao-fast] round {rnd}: checkpoint {result.checkpoint}")
         if cfg.eval.after and rnd < cfg.run.rounds:
             _eval(cfg, engine, tok, eval_scorer, held, f"round{rnd}", run_dir)
@@ -308,7 +355,8 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
     if cfg.eval.after:
         result.eval_after = _eval(cfg, engine, tok, eval_scorer, held, "after", run_dir)
     result.wall_seconds = time.perf_counter() - t_start
-    write_summary(result, cfg)
+    if dist_.is_main():
+        write_summary(result, cfg)
     return result
 
 

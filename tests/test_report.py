@@ -96,7 +96,7 @@ def test_tiny_scale_run_end_to_end(tmp_path, monkeypatch, embedded):
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None, ["data.n_eval=4", "data.n_train=16", "run.steps=1",
-                             "rl.prompts_per_step=2", "rollout.max_tokens=8",
+                             "rl.prompts_per_step=2", "rollout.max_tokens=8", "rollout.engine=torch",
                              "eval.max_tokens=8", "run.progress=false", "model.ops_backend=torch"],
                       base=DEMO)
     res = scale(cfg, [3, 2], "sc")

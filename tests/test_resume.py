@@ -82,7 +82,7 @@ def write_config(tmp_path, name, steps=5, rounds=1, train="prompts.jsonl"):
         "model:\n  ops_backend: torch\n"
         f"data:\n  train: {train}\n"
         "scoring:\n  scorer: random\n"
-        "rollout:\n  n: 2\n  max_tokens: 6\n  temperature: 1.0\n"
+        "rollout:\n  engine: torch\n  n: 2\n  max_tokens: 6\n  temperature: 1.0\n"
         "rl:\n  prompts_per_step: 2\n  lr: 1.0e-4\n"
         "eval:\n  before: false\n  after: false\n"
         f"run:\n  steps: {steps}\n  rounds: {rounds}\n  output_dir: {name}\n  progress: false\n"
@@ -166,6 +166,7 @@ def test_full_disk_fails_before_the_round(tmp_path, monkeypatch, embedded):
     Usage = namedtuple("Usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(1 << 40, 1 << 40, 1 << 20))
     cfg = load_config(overrides=["model.ops_backend=torch", "eval.before=false",
+                                 "rollout.engine=torch",
                                  f"run.output_dir={tmp_path / 'r'}", "run.progress=false"])
     with pytest.raises(OSError, match="1 MiB free") as e:
         tao_fast.tune(cfg)

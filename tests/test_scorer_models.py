@@ -124,6 +124,7 @@ def test_two_step_tune_with_a_gated_mix(tmp_path, monkeypatch, embedded):
     ]}
     cfg = tao_fast.load_config(overrides=[
         "model.ops_backend=torch", "data.train=prompts.jsonl", "rollout.n=3",
+        "rollout.engine=torch",
         "rollout.max_tokens=8", "rollout.temperature=1.0", "rl.prompts_per_step=2",
         "eval.before=false", "eval.after=false", "run.steps=2", "run.output_dir=run",
         "run.progress=false"])

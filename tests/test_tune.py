@@ -26,7 +26,7 @@ def test_two_step_tune_writes_loadable_checkpoint(tmp_path, monkeypatch, embedde
         "model:\n  ops_backend: torch\n"
         "data:\n  train: prompts.jsonl\n"
         "scoring:\n  scorer: python:user_scorer:longer_is_better\n"
-        "rollout:\n  n: 3\n  max_tokens: 12\n  dtype: bfloat16\n"
+        "rollout:\n  engine: torch\n  n: 3\n  max_tokens: 12\n  dtype: bfloat16\n"
         "rl:\n  prompts_per_step: 2\n  lr: 1.0e-4\n  micro_batch_tokens: 64\n"
         "eval:\n  before: false\n  after: false\n"
         "run:\n  steps: 2\n  output_dir: run\n  progress: false\n")

@@ -25,9 +25,10 @@ from tao_fast.checkpoint import atomic_write_text
 from tao_fast.config import ResumeError
 
 
-def _optimizer_split(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """optimizer.state_dict() -> (tensors for safetensors, the rest as JSON-able data)."""
-    sd = opt.state_dict()
+def _optimizer_split(opt: torch.optim.Optimizer, sd: dict | None = None) -> tuple[dict, dict]:
+    """optimizer.state_dict() (or `sd`, one gathered from FSDP shards) -> (tensors for
+    safetensors, the rest as JSON-able data)."""
+    sd = opt.state_dict() if sd is None else sd
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
         for k, v in st.items():
@@ -55,15 +56,19 @@ def estimate_bytes(model: torch.nn.Module) -> int:
     return 3 * n + (16 << 20)
 
 
-def save_state(run_dir: Path, step: int, model, opt, sched, extra: dict, keep: int = 1) -> Path:
+def save_state(run_dir: Path, step: int, model, opt, sched, extra: dict, keep: int = 1,
+               model_state: dict | None = None, opt_state: dict | None = None) -> Path:
+    """model_state / opt_state: whole states gathered from FSDP shards (Learner.full_state);
+    by default the model's parameters and the optimizer's state_dict()."""
     root = Path(run_dir) / "state"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=name + ".tmp-", dir=root))
     try:
-        save_file({k: p.detach().contiguous() for k, p in model.named_parameters()},
+        weights = model_state if model_state is not None else dict(model.named_parameters())
+        save_file({k: p.detach().contiguous() for k, p in weights.items()},
                   str(tmp / "model.safetensors"))
-        tensors, meta = _optimizer_split(opt)
+        tensors, meta = _optimizer_split(opt, opt_state)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         rng = {"torch_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -106,11 +111,17 @@ def load_state(path: Path, model, opt, sched) -> dict:
     if set(weights) != set(params):
         raise ResumeError(f"{path}: saved parameters do not match the model "
                           f"({len(weights)} saved, {len(params)} in the model)")
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(weights[k])
-    opt.load_state_dict(_optimizer_join(load_file(str(path / "optimizer.safetensors")),
-                                        state["optimizer"]))
+    opt_state = _optimizer_join(load_file(str(path / "optimizer.safetensors")),
+                                state["optimizer"])
+    if any(type(p).__name__ == "DTensor" for p in params.values()):  # FSDP2 shards
+        from tao_fast.rl.distributed import load_full_state
+
+        load_full_state(model, opt, weights, opt_state)
+    else:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(weights[k])
+        opt.load_state_dict(opt_state)
     if sched is not None and state.get("scheduler") is not None:
         sched.load_state_dict(state["scheduler"])
     rng = load_file(str(path / "rng.safetensors"))

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tao_fast import ops
+from tao_fast.rl import distributed as dist_
 from tao_fast.config import RLConfig
 from tao_fast.kernels.reference import IGNORE_INDEX
 from tao_fast.models.llama import Transformer
@@ -69,21 +70,66 @@ class Learner:
         self.model, self.cfg, self.temperature = model, cfg, temperature
         self.model.ops_backend = ops_backend  # attention; the loss ops read it from here too
         self.progress = progress
+        self.ref = None
+        if cfg.kl_coef > 0:  # frozen copy of the starting policy (a full replica on every rank)
+            self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+        # under torchrun: DDP (a replica per rank, gradients summed in one all-reduce) or FSDP2
+        self.parallel = None
+        if dist_.world_size() > 1:
+            self.parallel = dist_.choose_parallel(cfg.parallel, model, cfg.micro_batch_tokens)
+            if self.parallel == "fsdp":
+                # the rollout engine and checkpoints need whole weights: a replica, refreshed
+                # from the shards by full_model() (vLLM's copy plays this part on a GPU)
+                self._replica = copy.deepcopy(model).requires_grad_(False)
+                dist_.fully_shard_model(model)
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                      weight_decay=cfg.weight_decay, eps=1e-8)
         # linear warm-up to rl.lr over rl.warmup_steps, then constant
         warm = max(cfg.warmup_steps, 1)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt,
                                                        lambda s: min(1.0, (s + 1) / warm))
-        self.ref = None
-        if cfg.kl_coef > 0:  # frozen copy of the starting policy
-            self.ref = copy.deepcopy(model).eval().requires_grad_(False)
         self.steps_done = 0
 
     def _logprobs(self, model, batch, targets):
         hidden = model(batch.input_ids, batch.positions, batch.cu_seqlens, batch.max_seqlen)
         return ops.linear_logprob(hidden, model.output_weight, targets,
                                   temperature=self.temperature, backend=model.ops_backend)  # [T]
+
+    def _pad_forwards(self, n_max: int, n_mine: int) -> None:
+        """FSDP: a rank with fewer micro-batches than the busiest one runs zero-weight
+        forward/backward passes on a 2-token dummy, so every rank joins every all-gather and
+        reduce-scatter; its gradient contribution is exactly zero."""
+        dev = self.model.embed_tokens.weight.device
+        for _ in range(n_max - n_mine):
+            batch = make_packed_batch([[0, 0]], device=dev)
+            targets = torch.tensor([0, IGNORE_INDEX], device=dev)
+            (self._logprobs(self.model, batch, targets).sum() * 0.0).backward()
+
+    def full_model(self) -> Transformer:
+        """The model with whole weights: the model itself, or under FSDP the replica refreshed
+        from the shards (a collective: call it on every rank)."""
+        if self.parallel != "fsdp":
+            return self.model
+        params = dict(self._replica.named_parameters())
+        with torch.no_grad():
+            for name, t in dist_.full_named_parameters(self.model):
+                params[name].copy_(t)
+        return self._replica
+
+    def full_state(self) -> dict:
+        """Under FSDP, the whole model and optimizer state gathered to rank 0 (CPU), in the
+        1-rank format (optimizer state keyed by parameter index), as keyword arguments for
+        rl.state.save_state; {} otherwise. A collective: call it on every rank."""
+        if self.parallel != "fsdp":
+            return {}
+        return dist_.full_state(self.model, self.opt)
+
+    def named_full_parameters(self):
+        """(name, full tensor) of every parameter: the model's own under DDP or on one
+        process; gathered from the shards under FSDP (a collective: call it on every rank)."""
+        if self.parallel == "fsdp":
+            return dist_.full_named_parameters(self.model)
+        return self.model.named_parameters()
 
     def step(self, samples: list[Sample]) -> dict:
         """One optimizer step over `samples`; returns host-side statistics."""
@@ -93,14 +139,23 @@ class Learner:
         dev = model.embed_tokens.weight.device
         t0 = time.perf_counter()
         model.train()
-        bins = pack_sequences([len(s.ids) for s in samples], cfg.micro_batch_tokens)
         n_counted = sum(s.num_response_tokens for s in samples)
+        world = dist_.world_size()
+        if world > 1:  # every rank holds the same global batch; each trains its token share
+            share = dist_.balance_tokens([len(s.ids) for s in samples], world)[dist_.rank()]
+            global_samples, samples = samples, [samples[i] for i in share]
+        bins = pack_sequences([len(s.ids) for s in samples], cfg.micro_batch_tokens)
+        n_global = len(global_samples) if world > 1 else len(samples)
         loss_norm = float(n_counted)  # Dr.GRPO's constant: tokens of this batch
         agg_mode = "token-sum-norm" if cfg.algorithm == "dr-grpo" else "token-mean"
         totals = {k: torch.zeros((), device=dev) for k in
                   ("loss", "clip_frac", "kl", "ratio_mean", "abs_diff", "mismatch")}
         ratio_max = torch.zeros((), device=dev)
         n_tokens = 0
+        if self.parallel == "fsdp":  # every rank runs as many forwards (each all-gathers)
+            n_max = dist_.all_reduce_(torch.tensor([len(bins)], device=dev), "max",
+                                      "micro-batch count")
+            self._pad_forwards(int(n_max), len(bins))
         bar = tqdm(bins, desc="train", unit="mb", leave=False, disable=not self.progress)
         for idx in bar:
             mb = [samples[i] for i in idx]
@@ -115,7 +170,7 @@ class Learner:
             if self.ref is not None:
                 with torch.no_grad():
                     ref_lp = self._logprobs(self.ref, batch, targets)
-            agg = microbatch_agg(agg_mode, global_n_tokens=n_counted, global_n_seqs=len(samples),
+            agg = microbatch_agg(agg_mode, global_n_tokens=n_counted, global_n_seqs=n_global,
                                  mb_n_seqs=len(mb), loss_norm=loss_norm)
             # One update per batch: the learner's old log-probs are its current ones (ratio 1);
             # the sampler's log-probs enter through the truncated importance weight.
@@ -138,7 +193,19 @@ class Learner:
                 totals["mismatch"] += outside.float().sum() / max(n_counted, 1)
             n_tokens += batch.num_tokens
         bar.close()
+        n_bins = len(bins)
+        if world > 1:  # DDP: sum the ranks' gradients (one flat bucket), then identical updates
+            if self.parallel == "ddp":  # (FSDP2 reduce-scattered them in the backward)
+                dist_.all_reduce_grads(list(model.parameters()))
+            red = torch.stack([*totals.values(), torch.tensor(float(n_tokens), device=dev),
+                               torch.tensor(float(n_bins), device=dev)]).double()
+            dist_.all_reduce_(red, "sum", "step statistics")
+            dist_.all_reduce_(ratio_max, "max", "step statistics")
+            for k, v in zip(list(totals), red[:len(totals)]):
+                totals[k] = v
+            n_tokens, n_bins = int(red[-2]), int(red[-1])
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        grad_norm = dist_.full_tensor(grad_norm)  # FSDP: a DTensor
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -147,7 +214,7 @@ class Learner:
         out = {k: float(v) for k, v in totals.items()}  # the step's one host sync
         out.update(ratio_max=float(ratio_max), grad_norm=float(grad_norm),
                    train_tokens=n_tokens, train_seconds=secs, train_tokens_per_s=n_tokens / secs,
-                   micro_batches=len(bins), samples=len(samples),
+                   micro_batches=n_bins, samples=n_global,
                    lr=self.opt.param_groups[0]["lr"])
         out["sampler_logprob_abs_diff"] = out.pop("abs_diff")
         out["sampler_ratio_outside"] = out.pop("mismatch")

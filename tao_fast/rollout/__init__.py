@@ -15,6 +15,10 @@ class SamplingParams:
     max_tokens: int = 64
     stop_token_ids: tuple[int, ...] = ()  # in addition to the tokenizer's EOS
     seed: int | None = None
+    # Global index of the first prompt of this call. When set (with seed), the torch engine
+    # seeds each chunk of prompts from (seed, the chunk's first prompt's global index), so the
+    # samples do not depend on how the prompts were split across calls or ranks.
+    prompt_index: int | None = None
 
     def __post_init__(self):
         if self.n < 1:

@@ -33,6 +33,11 @@ def sample_tokens(logits, temperature: float, top_p: float, generator=None):
     return tok, logp.gather(-1, tok[:, None])[:, 0]
 
 
+def chunk_seed(seed: int, first_prompt: int) -> int:
+    """The generator seed of a chunk of prompts starting at global prompt `first_prompt`."""
+    return (seed * 1_000_003 + 7_919 * (first_prompt + 1)) % (1 << 63)
+
+
 class TorchEngine:
     """Generates with the learner's own model object: weights are shared, a sync costs nothing."""
 
@@ -65,6 +70,8 @@ class TorchEngine:
         self.model.eval()
         try:
             for s in range(0, len(prompts), per_chunk):
+                if gen is not None and sampling.prompt_index is not None:
+                    gen.manual_seed(chunk_seed(sampling.seed, sampling.prompt_index + s))
                 t, lp, r = self._generate_chunk(prompts[s:s + per_chunk], sampling, stop, gen)
                 toks += t
                 lps += lp

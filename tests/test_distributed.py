@@ -1,0 +1,387 @@
+"""Data-parallel tuning under torchrun, on the CPU with gloo and 2 processes: the split of
+prompts and tokens, a 2-rank learner step equal to the 1-rank one, a dead peer failing fast,
+and (slow) a 2-rank `tao-fast tune` whose loss/reward curve and weights match a 1-rank run,
+that stops within seconds when a rank is SIGKILLed and resumes to the same weights."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tao_fast.config import RLConfig
+from tao_fast.models.config import ModelArgs
+from tao_fast.models.llama import Transformer
+from tao_fast.rl import distributed
+from tao_fast.rl.state import latest_state, load_state, save_state
+from tao_fast.rl.trainer import Learner, Sample
+
+
+def test_shard_range_covers_every_item_once():
+    for n in range(0, 9):
+        for world in (1, 2, 3, 4):
+            parts = [distributed.shard_range(n, world, r) for r in range(world)]
+            items = [i for lo, hi in parts for i in range(lo, hi)]
+            assert items == list(range(n))  # contiguous, in order: groups stay whole
+            sizes = [hi - lo for lo, hi in parts]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_balance_tokens_balances_tokens_not_sequences():
+    lengths = [100, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10]  # one long, ten short
+    a, b = distributed.balance_tokens(lengths, 2)
+    assert sorted(a + b) == list(range(len(lengths)))
+    loads = sorted(sum(lengths[i] for i in part) for part in (a, b))
+    assert loads == [100, 100]  # 1 sequence vs 10: equal tokens, not equal counts
+    assert distributed.balance_tokens(lengths, 2) == [a, b]  # deterministic on every rank
+
+
+class _Tok:  # what TorchEngine needs of a tokenizer
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def test_sampling_does_not_depend_on_the_prompt_split():
+    """With SamplingParams.prompt_index, each chunk of prompts is seeded from its global index:
+    5 prompts sampled at once or as slices 0-2 and 3-4 (two ranks) give the same tokens."""
+    from tao_fast.rollout import SamplingParams
+    from tao_fast.rollout.torch_engine import TorchEngine
+
+    model = _tiny_model()
+    engine = TorchEngine(model, _Tok(), max_batch_rows=3)  # n=3: one prompt per chunk
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10], [11, 12]]
+    sp = SamplingParams(n=3, temperature=1.0, max_tokens=5, seed=7, prompt_index=0)
+    whole = engine.generate(prompts, sp)
+    a = engine.generate(prompts[:3], sp)
+    b = engine.generate(prompts[3:], SamplingParams(n=3, temperature=1.0, max_tokens=5, seed=7,
+                                                    prompt_index=3))
+    assert a.token_ids + b.token_ids == whole.token_ids
+    assert a.logprobs + b.logprobs == whole.logprobs
+
+
+def test_auto_parallel_picks_fsdp_when_a_replica_does_not_fit():
+    model = _tiny_model()
+    assert distributed.choose_parallel("auto", model, 4096) == "ddp"  # CPU: no limit known
+    assert distributed.choose_parallel("fsdp", model, 4096) == "fsdp"
+    assert distributed.choose_parallel("auto", model, 4096, device_bytes=1 << 34) == "ddp"
+    assert distributed.choose_parallel("auto", model, 4096, device_bytes=1 << 20) == "fsdp"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2,
+                     num_heads=2, num_kv_heads=1)
+    model = Transformer(args)
+    model.ops_backend = "torch"
+    return model
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i, (n_prompt, n_resp) in enumerate([(3, 9), (2, 2), (4, 5), (2, 7), (5, 1), (3, 3)]):
+        ids = torch.randint(0, 64, (n_prompt + n_resp,), generator=g).tolist()
+        lps = (-torch.rand(n_resp, generator=g)).tolist()
+        out.append(Sample(ids, n_prompt, [1.0, -1.0, 0.5, -0.5, 0.25, -0.25][i], lps))
+    return out
+
+
+def _cfg(parallel="auto"):
+    return RLConfig(lr=1e-2, micro_batch_tokens=16, kl_coef=0.05, parallel=parallel)
+
+
+def _worker(rank, world, port, out_dir, parallel, skew):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    distributed.init(timeout_s=60)
+    learner = Learner(_tiny_model(), _cfg(parallel), temperature=1.0, ops_backend="torch")
+    batch = _batch()
+    if skew:  # one long sequence and short ones: the ranks get unequal micro-batch counts
+        batch = [Sample(list(range(40)), 2, 1.0, [-0.5] * 38)] + batch
+    stats = [learner.step(batch) for _ in range(2)]
+    weights = {k: v.detach().clone() for k, v in learner.named_full_parameters()}
+    full = learner.full_state()  # FSDP: gathered to rank 0; every rank takes part
+    if rank == 0:
+        save_state(out_dir, 2, learner.model, learner.opt, learner.sched, {}, **full)
+        torch.save({"stats": stats, "weights": weights},
+                   os.path.join(out_dir, "dist.pt"))
+    distributed.shutdown()
+
+
+@pytest.mark.parametrize("parallel,skew", [("ddp", False), ("fsdp", True)])
+def test_two_rank_learner_step_equals_one_rank(tmp_path, parallel, skew):
+    """Each rank trains its token share of the same batch; the summed gradients (DDP: one
+    all-reduce; FSDP2: reduce-scatter with divide factor 1) give the 1-rank update.
+    Tolerance: the sums run in another order (per-rank micro-batches, then the collective),
+    so fp32 rounding differs at ~1e-7 relative; 1e-5 covers two Adam steps. `skew` gives the
+    ranks unequal micro-batch counts: FSDP pads the short rank with zero-weight passes."""
+    torch.set_num_threads(1)
+    one = Learner(_tiny_model(), _cfg(), temperature=1.0, ops_backend="torch")
+    batch = _batch()
+    if skew:
+        batch = [Sample(list(range(40)), 2, 1.0, [-0.5] * 38)] + batch
+    want = [one.step(batch) for _ in range(2)]
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), parallel, skew), nprocs=2,
+             join=True)
+    got = torch.load(tmp_path / "dist.pt")
+    for a, b in zip(want, got["stats"]):
+        assert b["samples"] == a["samples"] == len(batch)
+        assert b["train_tokens"] == a["train_tokens"]
+        for k in ("loss", "kl", "grad_norm", "ratio_mean", "sampler_logprob_abs_diff"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+        assert b["micro_batches"] >= 2
+    for k, v in one.model.state_dict().items():
+        torch.testing.assert_close(got["weights"][k], v, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(v, _tiny_model().state_dict()[k])
+               for k, v in one.model.state_dict().items())  # the steps did move the weights
+    # the 2-rank state (gathered from the FSDP shards) is a 1-rank state: one process resumes
+    # from it and its next step matches the uninterrupted 1-process learner's
+    resumed = Learner(_tiny_model(), _cfg(), temperature=1.0, ops_backend="torch")
+    load_state(latest_state(tmp_path), resumed.model, resumed.opt, resumed.sched)
+    a, b = one.step(batch), resumed.step(batch)
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    for (k, v), w in zip(one.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(w, v, rtol=1e-5, atol=1e-6)
+
+
+def _dying_worker(rank, world, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    distributed.init(timeout_s=120, run_dir="/runs/x")
+    distributed.all_gather_object(rank)  # both alive
+    if rank == 1:
+        os._exit(0)  # dies without a word, as a SIGKILLed or crashed worker would
+    t0 = time.time()
+    try:
+        distributed.all_gather_object(rank, "rollout gather")
+        msg = "no error"
+    except distributed.DistributedError as e:
+        msg = str(e)
+    with open(os.path.join(out_dir, "msg.json"), "w") as f:
+        json.dump({"msg": msg, "seconds": time.time() - t0}, f)
+    os._exit(0)  # as the CLI does: tearing down a gloo group with a dead peer can abort()
+
+
+def test_a_dead_peer_fails_the_next_collective_fast(tmp_path):
+    """Without torchrun tearing the group down: gloo sees the closed connection, well before
+    the 120 s group timeout, and the message says what happened and how to resume."""
+    ctx = mp.start_processes(_dying_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
+                             join=False, start_method="spawn")
+    while not ctx.join(timeout=60):
+        pass
+    got = json.loads((tmp_path / "msg.json").read_text())
+    assert got["seconds"] < 30, got
+    assert "rank 0: lost contact with the other ranks during rollout gather" in got["msg"]
+    assert "tao-fast tune --resume /runs/x" in got["msg"]
+
+
+class _EchoEngine:  # samples "p<i>c<j>"; records what it was asked
+    def generate(self, prompts, sampling, progress=False):
+        from tao_fast.rollout import Rollouts
+
+        ids = [[[p[0], j] for j in range(sampling.n)] for p in prompts]
+        texts = [[f"p{p[0]}c{j}" for j in range(sampling.n)] for p in prompts]
+        lps = [[[-1.0, -1.0] for _ in range(sampling.n)] for _ in prompts]
+        return Rollouts([list(p) for p in prompts], ids, texts, lps,
+                        [["stop"] * sampling.n for _ in prompts],
+                        stats={"tokens": 2 * sampling.n * len(prompts), "seconds": 0.5,
+                               "tokens_per_s": 1.0, "from": sampling.prompt_index})
+
+
+class _LenScorer:
+    name = "len"
+
+    def score(self, prompts, candidates):
+        from tao_fast.scoring import ScoreResult
+
+        return ScoreResult([[float(len(t)) for t in g] for g in candidates],
+                           [[{} for _ in g] for g in candidates],
+                           failures={"len": len(candidates)}, stats={"len/x": 1.0})
+
+
+def _gather_worker(rank, world, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from tao_fast.rollout import SamplingParams
+
+    distributed.init(timeout_s=60)
+    for n_prompts in (3, 1):
+        prompts = [[10 + i] for i in range(n_prompts)]
+        ro, sc, _, _ = distributed.generate_and_score(
+            _EchoEngine(), _LenScorer(), prompts, [None] * n_prompts,
+            SamplingParams(n=2, seed=1, prompt_index=0))
+        with open(os.path.join(out_dir, f"n{n_prompts}-r{rank}.json"), "w") as f:
+            json.dump({"texts": ro.texts, "ids": ro.prompt_ids, "rewards": sc.rewards,
+                       "failures": sc.failures, "tokens": ro.stats["tokens"]}, f)
+    distributed.shutdown()
+
+
+def test_uneven_prompt_split_gathers_whole_groups_in_order(tmp_path):
+    """3 prompts on 2 ranks (2 + 1) and 1 prompt on 2 ranks (rank 1 samples nothing): every
+    rank ends with every group, in prompt order, with its rewards and summed failures."""
+    mp.spawn(_gather_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for n_prompts in (3, 1):
+        a, b = (json.loads((tmp_path / f"n{n_prompts}-r{r}.json").read_text()) for r in (0, 1))
+        assert a == b
+        assert a["ids"] == [[10 + i] for i in range(n_prompts)]
+        assert a["texts"] == [[f"p{10 + i}c0", f"p{10 + i}c1"] for i in range(n_prompts)]
+        assert a["rewards"] == [[5.0, 5.0]] * n_prompts  # len("p10c0")
+        assert a["failures"] == {"len": n_prompts} and a["tokens"] == 4 * n_prompts
+
+
+# ---- the whole loop under torchrun (slow: loads the embedded model in every process) ----
+
+CONFIG = """model:
+  ops_backend: torch
+data:
+  train: prompts.jsonl
+scoring:
+  scorer: random
+rollout:
+  engine: torch
+  n: 2
+  max_tokens: 6
+  max_batch_rows: 2
+rl:
+  prompts_per_step: 2
+  lr: 1.0e-4
+eval:
+  before: false
+  after: false
+run:
+  steps: 3
+  progress: false
+  threads: 1
+  save_every: 1
+"""
+
+
+def _launch(args, cwd, nproc):
+    cmd = [sys.executable, "-m", "tao_fast.cli", "tune", *args]
+    if nproc > 1:  # --standalone: a free local rendezvous port, so runs can overlap
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "tao_fast.cli", "tune", *args]
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _metrics(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "checkpoint-round1" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def torchrun_runs(tmp_path_factory, embedded):
+    """A 1-rank run, a 2-rank (DDP) run and a 2-rank FSDP2 run to be killed, side by side."""
+    d = tmp_path_factory.mktemp("dist")
+    (d / "prompts.jsonl").write_text("".join(
+        json.dumps({"prompt": f"Say something about {w}."}) + "\n"
+        for w in ["cats", "rain", "tea", "maps", "jazz"]))
+    (d / "c.yaml").write_text(CONFIG)
+    procs = {name: _launch(["--config", "c.yaml", f"run.output_dir={name}", *extra], d, n)
+             for name, n, extra in (("one", 1, []), ("two", 2, []),
+                                    ("killed", 2, ["rl.parallel=fsdp"]))}
+    yield d, procs
+    for p in procs.values():
+        if p.poll() is None:
+            p.kill()
+
+
+def _rank_pid(launcher_pid: int, rank: int) -> int | None:
+    """The torchrun worker of `rank`: a child of the launcher with RANK=rank in its env."""
+    for task in os.listdir(f"/proc/{launcher_pid}/task"):
+        with open(f"/proc/{launcher_pid}/task/{task}/children") as f:
+            for pid in map(int, f.read().split()):
+                try:
+                    with open(f"/proc/{pid}/environ", "rb") as e:
+                        if f"RANK={rank}".encode() in e.read().split(b"\0"):
+                            return pid
+                except OSError:
+                    pass
+    return None
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_the_run_fast_and_it_resumes(torchrun_runs):
+    """An FSDP2 run (states gathered from the shards to rank 0, loaded back into shards):
+    SIGKILL rank 1 after step 1's state; the launcher stops within seconds with one clear
+    line; --resume finishes it, landing on the 2-rank DDP run's weights (up to summation
+    order: FSDP reduce-scatters per micro-batch, DDP all-reduces once). Runs first (file
+    order), while the fixture's other two runs are still going."""
+    d, procs = torchrun_runs
+    p, run = procs["killed"], d / "killed"
+    deadline = time.time() + 400
+    while not (run / "state" / "latest").exists():  # step 1 done and its state saved
+        assert p.poll() is None, p.stdout.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.1)
+    pid = _rank_pid(p.pid, 1)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.time()
+    out = p.communicate(timeout=120)[0]
+    took = time.time() - t0
+    assert p.returncode != 0
+    assert took < 60, took
+    assert ("rank 0: stopped by the launcher" in out
+            or "rank 0: lost contact with the other ranks" in out), out[-3000:]
+    assert f"tao-fast tune --resume {run}" in out
+    assert not (run / "checkpoint-round1").exists()
+
+    r = _launch(["--resume", str(run)], d, 2)
+    out = r.communicate(timeout=600)[0]
+    assert r.returncode == 0, out[-3000:]
+    assert "resuming" in out
+    assert [m["step"] for m in _metrics(run)] == [1, 2, 3]
+    procs["two"].wait(timeout=600)
+    for a, b in zip(_metrics(d / "two"), _metrics(run)):
+        assert b["reward_mean"] == a["reward_mean"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    want, got = _weights(d / "two"), _weights(run)
+    assert set(want) == set(got)
+    assert max(float((want[k] - got[k]).abs().max()) for k in want) < 1e-5
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_one_rank_curve(torchrun_runs):
+    """Same global batch (2 prompts x 2 candidates per step) on 1 and 2 ranks. The samples are
+    the same token for token (the torch engine seeds each prompt chunk from its global index,
+    and max_batch_rows = n gives every chunk one prompt on both runs), so rewards match
+    exactly; loss, gradient norm and weights differ only by summation order (fp32, ~1e-7
+    relative; GRPO's on-policy loss is ~1e-6 itself, so it is compared in absolute terms)."""
+    d, procs = torchrun_runs
+    for name in ("one", "two"):
+        out = procs[name].communicate(timeout=600)[0]
+        assert procs[name].returncode == 0, out[-3000:]
+    one, two = _metrics(d / "one"), _metrics(d / "two")
+    assert [m["step"] for m in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        assert b["reward_mean"] == a["reward_mean"]
+        assert b["gen_tokens"] == a["gen_tokens"] and b["train_tokens"] == a["train_tokens"]
+        assert b["samples"] == a["samples"]
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["kl"] == pytest.approx(a["kl"], abs=1e-6)
+    wa, wb = _weights(d / "one"), _weights(d / "two")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5  # lr 1e-4, 3 Adam steps
+    # rank 0 alone wrote the run directory: one metrics line per step, one state
+    assert (d / "two" / "summary.json").exists() and not list((d / "two").glob(".write-test*"))
