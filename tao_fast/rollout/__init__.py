@@ -46,6 +46,15 @@ class Rollouts:
         return sum(len(t) for group in self.token_ids for t in group)
 
 
+def stop_token_ids(model_args, tokenizer) -> list[int]:
+    """EOS ids of the model's config (an int or a list) and of the tokenizer, sorted."""
+    eos = model_args.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
 class Engine(Protocol):
     def generate(self, prompts: Sequence[list[int]], sampling: SamplingParams,
                  progress: bool = False) -> Rollouts: ...

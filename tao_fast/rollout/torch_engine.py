@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tao_fast.models.llama import KVCache, Transformer
-from tao_fast.rollout import Rollouts, SamplingParams
+from tao_fast.rollout import Rollouts, SamplingParams, stop_token_ids
 
 
 def sample_tokens(logits, temperature: float, top_p: float, generator=None):
@@ -47,11 +47,7 @@ class TorchEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_rows = max_batch_rows
-        eos = model.args.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if tokenizer.eos_token_id is not None:
-            eos.add(tokenizer.eos_token_id)
-        self.eos_ids = sorted(eos)
+        self.eos_ids = stop_token_ids(model.args, tokenizer)
 
     def generate(self, prompts: Sequence[list[int]], sampling: SamplingParams,
                  progress: bool = False) -> Rollouts:

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from tao_fast.rollout import Rollouts, SamplingParams
+from tao_fast.rollout import Rollouts, SamplingParams, stop_token_ids
 
 SUPPORTED_RANGE = ">=0.32,<0.33"  # the vLLM versions this engine is written and tested for
 _MIN, _MAX = (0, 32), (0, 33)
@@ -234,11 +234,7 @@ class VllmEngine:
         if weight_sync == "auto":
             weight_sync = CPU_AUTO_SYNC if self.on_cpu else "shared"
         self.weight_sync = weight_sync
-        eos = self.args.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if tokenizer.eos_token_id is not None:
-            eos.add(tokenizer.eos_token_id)
-        self.eos_ids = sorted(eos)
+        self.eos_ids = stop_token_ids(self.args, tokenizer)
         model_dir = Path(model_dir)
         self._check_architecture(model_dir, vllm)
         if enforce_eager == "auto":
