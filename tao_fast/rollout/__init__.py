@@ -46,6 +46,14 @@ class Rollouts:
         return sum(len(t) for group in self.token_ids for t in group)
 
 
+def check_prompts(prompts) -> None:
+    """What every engine's generate() requires of its prompts (token id lists)."""
+    if not prompts:
+        raise ValueError("generate() needs at least one prompt")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+
+
 def stop_token_ids(model_args, tokenizer) -> list[int]:
     """EOS ids of the model's config (an int or a list) and of the tokenizer, sorted."""
     eos = model_args.eos_token_id

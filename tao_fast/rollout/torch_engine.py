@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tao_fast.models.llama import KVCache, Transformer
-from tao_fast.rollout import Rollouts, SamplingParams, stop_token_ids
+from tao_fast.rollout import Rollouts, SamplingParams, check_prompts, stop_token_ids
 
 
 def sample_tokens(logits, temperature: float, top_p: float, generator=None):
@@ -51,10 +51,7 @@ class TorchEngine:
 
     def generate(self, prompts: Sequence[list[int]], sampling: SamplingParams,
                  progress: bool = False) -> Rollouts:
-        if not prompts:
-            raise ValueError("generate() needs at least one prompt")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+        check_prompts(prompts)
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         stop = torch.tensor(sorted(set(self.eos_ids) | set(sampling.stop_token_ids)))

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from tao_fast.rollout import Rollouts, SamplingParams, stop_token_ids
+from tao_fast.rollout import Rollouts, SamplingParams, check_prompts, stop_token_ids
 
 SUPPORTED_RANGE = ">=0.32,<0.33"  # the vLLM versions this engine is written and tested for
 _MIN, _MAX = (0, 32), (0, 33)
@@ -472,10 +472,7 @@ class VllmEngine:
 
     def generate(self, prompts: Sequence[list[int]], sampling: SamplingParams,
                  progress: bool = False) -> Rollouts:
-        if not prompts:
-            raise ValueError("generate() needs at least one prompt")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+        check_prompts(prompts)
         if self._asleep:
             self.wake()
         from vllm import SamplingParams as VSP
