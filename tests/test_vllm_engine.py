@@ -151,10 +151,12 @@ def test_sleep_frees_the_kv_cache_and_wake_restores_it(learner, engines):
     eng = engines("reload")
     prompts = _prompts(tok)
     base = eng.generate(prompts, GREEDY).token_ids
-    before = vllm_engine._rss_bytes()
     eng.sleep()
     assert eng.stats["sleep_path"] == "cpu-kv-free" and eng.stats["kv_freed_mb"] >= 100
-    assert before - vllm_engine._rss_bytes() > 0.5 * eng.stats["kv_freed_mb"] * 2**20
+    # the KV cache's storage is released (whether the allocator hands the pages back to the
+    # OS at once depends on malloc's state in the process: RSS is not a reliable check here)
+    assert eng._kv_storages and all(st.nbytes() == 0 for st in eng._kv_storages)
+    assert all(t.untyped_storage().nbytes() == 0 for t in eng._kv_tensors())
     eng.sleep()  # idempotent
     junk = [torch.full((1 << 18,), float("nan")) for _ in range(256)]  # what a learner step
     del junk  # leaves in freed memory
