@@ -14,21 +14,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from tao_fast.fileio import atomic_write_text  # noqa: F401 - re-exported for callers
 from tao_fast.models.loader import hf_state_dict
-
-
-def atomic_write_text(path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(model, tokenizer, out_dir, extra: dict | None = None) -> Path:

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tao_fast.checkpoint import atomic_write_text, save_checkpoint
+from tao_fast.checkpoint import save_checkpoint
+from tao_fast.fileio import atomic_write_lines, atomic_write_text
 from tao_fast.config import ConfigError, ResumeError, TaoConfig, load_config, save_config
 from tao_fast.data import arithmetic_split, read_jsonl
 from tao_fast.data.rounds import discover, plan_round, pool_from_manifest, read_manifest
@@ -127,7 +128,7 @@ def _check_space(run_dir: Path, model) -> None:
 def _write_lines(path: Path, lines: list[dict]) -> None:
     if not dist_.is_main():  # under torchrun rank 0 alone writes the run directory
         return
-    atomic_write_text(path, "".join(json.dumps(x) + "\n" for x in lines))
+    atomic_write_lines(path, (json.dumps(x) for x in lines))
 
 
 def _eval(cfg, engine, tokenizer, scorer, prompts, name, run_dir) -> EvalResult | None:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,6 +63,7 @@ from tao_fast.data.logs import (  # noqa: F401 - readers re-exported for callers
     read_jsonl_objects,
     read_parquet_column,
 )
+from tao_fast.fileio import atomic_write_lines
 
 DEFAULT_MAX_CHARS = 32_000
 N_EXAMPLES = 5  # malformed locations listed per file in the summary
@@ -153,21 +153,6 @@ def _rec(msgs: list[dict], source: str, file: int) -> _Rec:
                 split_key=split_key, guard=digest(system + "\0" + digits(split_key))[:16])
 
 
-def _write_atomic(path: Path, lines) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for line in lines:
-                f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
@@ -233,8 +218,10 @@ def ingest(paths, out_dir, *, column: str = "prompt", heldout_frac: float = 0.1,
     for r in recs:
         stats[r.file].kept += 1
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "train.jsonl", (_jsonl_line(r) for r, h in zip(recs, held) if not h))
-    _write_atomic(out / "heldout.jsonl", (_jsonl_line(r) for r, h in zip(recs, held) if h))
+    atomic_write_lines(out / "train.jsonl", (_jsonl_line(r) for r, h in zip(recs, held) if not h),
+                       0o644)
+    atomic_write_lines(out / "heldout.jsonl", (_jsonl_line(r) for r, h in zip(recs, held) if h),
+                       0o644)
     dropped: dict[str, int] = {}
     for st in stats:
         for k, v in st.dropped.items():
@@ -246,5 +233,6 @@ def ingest(paths, out_dir, *, column: str = "prompt", heldout_frac: float = 0.1,
         skipped_files=skipped, seconds=round(time.perf_counter() - t0, 3),
         settings={"column": column, "heldout_frac": heldout_frac, "max_chars": max_chars,
                   "max_tokens": max_tokens, "near_dup_threshold": near_dup_threshold})
-    _write_atomic(out / "ingest_summary.json", [json.dumps(summary.to_dict(), indent=1)])
+    atomic_write_lines(out / "ingest_summary.json", [json.dumps(summary.to_dict(), indent=1)],
+                       0o644)
     return summary
