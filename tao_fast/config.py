@@ -176,6 +176,9 @@ class RunConfig:
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0 = torch's default
     save_every: int = 10  # steps between resumable training states (0 = at round ends only)
+    # training states kept on disk, each ~3x the learner's weights (weights + AdamW moments;
+    # 1.6 GB for the 135M model); 0 = write none: a killed run cannot be resumed
+    keep_states: int = 1
     progress: bool = True
     dist_timeout_s: float = 300.0  # under torchrun: longest wait on another rank before failing
 
@@ -185,6 +188,7 @@ class RunConfig:
         _check(self.rounds >= 1, "run.rounds", f"must be >= 1, got {self.rounds}")
         _check(self.threads >= 0, "run.threads", "must be >= 0")
         _check(self.save_every >= 0, "run.save_every", "must be >= 0")
+        _check(self.keep_states >= 0, "run.keep_states", "must be >= 0")
 
 
 @dataclass

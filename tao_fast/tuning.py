@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from signal import SIGKILL
 
 import torch
 from tqdm.auto import tqdm
@@ -114,15 +115,33 @@ def _check_writable(run_dir: Path) -> None:
         raise ConfigError(f"run.output_dir: cannot write to {run_dir}: {e.strerror}") from None
 
 
-def _check_space(run_dir: Path, model) -> None:
-    """Before a round's work: room for a training state and a checkpoint, or a clear error now
-    rather than a failed save after the round's compute is spent."""
-    need = estimate_bytes(model) + estimate_bytes(model) // 3
+def _check_space(run_dir: Path, model, states: bool) -> None:
+    """Before a round's work: room for a new training state (written beside the old one, which
+    goes once the new one is complete) and the round's checkpoint, or a clear error now rather
+    than a failed save after the round's compute is spent."""
+    ckpt = sum(p.numel() * p.element_size() for p in model.parameters())
+    need = ckpt + (estimate_bytes(model) if states else 0)
     free = shutil.disk_usage(run_dir).free
     if free < need:
-        raise OSError(errno.ENOSPC, f"{run_dir} has {free >> 20} MiB free; a training state and "
-                      f"a checkpoint need about {need >> 20} MiB: free some space, or resume "
-                      f"later with `tao-fast tune --resume {run_dir}`")
+        what = "a training state and a checkpoint" if states else "a checkpoint"
+        hint = (" (or set run.keep_states=0: no training states, so no resume)" if states
+                else "")
+        raise OSError(errno.ENOSPC, f"{run_dir} has {free >> 20} MiB free; {what} need about "
+                      f"{need >> 20} MiB: free some space{hint}, or resume later with "
+                      f"`tao-fast tune --resume {run_dir}`")
+
+
+def _kill_at() -> int | None:
+    """Fault injection for the crash tests: TAO_FAST_KILL_AT=STEP[@RANK] makes this process
+    (only rank RANK, when given) SIGKILL itself in the middle of global step STEP, after its
+    rollouts and before its update: a fixed place to die, however fast the steps run."""
+    spec = os.environ.get("TAO_FAST_KILL_AT", "")
+    if not spec:
+        return None
+    step, _, r = spec.partition("@")
+    if r and int(r) != dist_.rank():
+        return None
+    return int(step)
 
 
 def _write_lines(path: Path, lines: list[dict]) -> None:
@@ -219,7 +238,8 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
         result.checkpoint = Path(st["checkpoint"]) if st.get("checkpoint") else None
         log(f"[tao-fast] resuming {run_dir} from {state_dir.name}: round {rnd}, step {step}")
     elif resume is not None:
-        log(f"[tao-fast] {run_dir} has no saved state yet: starting it from the beginning")
+        why = "run.keep_states=0 writes none" if not cfg.run.keep_states else "none saved yet"
+        log(f"[tao-fast] {run_dir} has no training state ({why}): starting it from the beginning")
         _write_lines(metrics_path, [])
     else:
         _write_lines(metrics_path, [])
@@ -244,6 +264,8 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
                disable=not cfg.run.progress)
 
     def save(rnd_, step_, order_) -> None:
+        if not cfg.run.keep_states:
+            return
         extra = {"round": rnd_, "step": step_, "learner_steps": learner.steps_done,
                  "order": order_, "python_rng": rng.getstate(),
                  "metrics_lines": len(result.metrics),
@@ -252,13 +274,14 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
             full = learner.full_state()  # FSDP: gathered to rank 0 (every rank takes part)
             if dist_.is_main():
                 save_state(run_dir, (rnd_ - 1) * cfg.run.steps + step_, model, learner.opt,
-                           learner.sched, extra, **full)
+                           learner.sched, extra, keep=cfg.run.keep_states, **full)
         except OSError as e:
             last = latest_state(run_dir)
             raise OSError(e.errno, f"cannot write the training state to {run_dir / 'state'}: "
                           f"{e.strerror}; the last complete state is "
                           f"{last or 'none'}") from None
 
+    kill_at = _kill_at()
     while rnd <= cfg.run.rounds:
         if pool is None:  # a new round: the prompts that arrived since, plus a replayed share
             plan = plan_round(rnd, cfg.data.train, manifest, cfg.data.replay_frac,
@@ -271,7 +294,7 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
             log(f"[tao-fast] round {rnd}: {plan.n_new} new prompts from "
                 f"{len(plan.new_files)} new file(s), {plan.n_replay} replayed")
         encoded.clear()
-        _check_space(run_dir, model)
+        _check_space(run_dir, model, states=cfg.run.keep_states > 0)
         while step <= cfg.run.steps:
             t0 = time.perf_counter()
             gstep = (rnd - 1) * cfg.run.steps + step
@@ -293,6 +316,8 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
                 progress=cfg.run.progress)
             t_gen = t0 + gen_s
             t_score = t_gen + score_s
+            if gstep == kill_at:
+                os.kill(os.getpid(), SIGKILL)
             advs, signal = group_advantages(scores.rewards, cfg.rl.algorithm,
                                             cfg.rl.std_normalize)
             samples = samples_from_rollouts(rollouts, advs, signal)

@@ -1,3 +1,6 @@
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -22,3 +25,31 @@ def embedded():
     # pick the (slow) interpreter; tests that want Triton on this model ask for it.
     model.ops_backend = "torch"
     return model, tok, path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A model directory for tests of the run's machinery (resume, ranks, rounds, engines),
+    where what the model says does not matter: the embedded model's tokenizer and chat
+    template on a 2-layer, 128-wide Llama with random weights (seed 0), written by
+    save_checkpoint. 6.4M parameters: a 77 MB training state instead of the 135M model's
+    1.6 GB, and steps in milliseconds. head_dim 64, which vLLM's CPU attention supports."""
+    from transformers import AutoTokenizer
+
+    from tao_fast.checkpoint import save_checkpoint
+    from tao_fast.models.config import ModelArgs
+    from tao_fast.models.llama import Transformer
+    from tao_fast.models.loader import resolve_model_path
+
+    src = resolve_model_path("embedded:smollm2-135m-instruct")
+    base = ModelArgs.from_hf(json.loads((src / "config.json").read_text()))
+    args = dataclasses.replace(base, hidden_size=128, intermediate_size=256, num_layers=2,
+                               num_heads=2, num_kv_heads=1, head_dim=64)
+    torch.manual_seed(0)
+    model = Transformer(args)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02)
+    return save_checkpoint(model, AutoTokenizer.from_pretrained(src),
+                           tmp_path_factory.mktemp("tiny") / "tiny-llama")

@@ -4,7 +4,6 @@ and (slow) a 2-rank `tao-fast tune` whose loss/reward curve and weights match a 
 that stops within seconds when a rank is SIGKILLed and resumes to the same weights."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -243,7 +242,7 @@ def test_uneven_prompt_split_gathers_whole_groups_in_order(tmp_path):
         assert a["failures"] == {"len": n_prompts} and a["tokens"] == 4 * n_prompts
 
 
-# ---- the whole loop under torchrun (slow: loads the embedded model in every process) ----
+# ---- the whole loop under torchrun (slow: a real tune in every process, on the tiny model) ----
 
 CONFIG = """model:
   ops_backend: torch
@@ -270,13 +269,13 @@ run:
 """
 
 
-def _launch(args, cwd, nproc):
+def _launch(args, cwd, nproc, env=None):
     cmd = [sys.executable, "-m", "tao_fast.cli", "tune", *args]
     if nproc > 1:  # --standalone: a free local rendezvous port, so runs can overlap
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={nproc}", "-m", "tao_fast.cli", "tune", *args]
     return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, env={**os.environ, **(env or {})})
 
 
 def _metrics(run_dir):
@@ -290,54 +289,40 @@ def _weights(run_dir):
 
 
 @pytest.fixture(scope="module")
-def torchrun_runs(tmp_path_factory, embedded):
-    """A 1-rank run, a 2-rank (DDP) run and a 2-rank FSDP2 run to be killed, side by side."""
+def torchrun_runs(tmp_path_factory, tiny_model):
+    """A 1-rank run, a 2-rank (DDP) run and a 2-rank FSDP2 run whose rank 1 SIGKILLs itself in
+    step 2 (after step 1's state is saved), side by side."""
     d = tmp_path_factory.mktemp("dist")
     (d / "prompts.jsonl").write_text("".join(
         json.dumps({"prompt": f"Say something about {w}."}) + "\n"
         for w in ["cats", "rain", "tea", "maps", "jazz"]))
     (d / "c.yaml").write_text(CONFIG)
-    procs = {name: _launch(["--config", "c.yaml", f"run.output_dir={name}", *extra], d, n)
-             for name, n, extra in (("one", 1, []), ("two", 2, []),
-                                    ("killed", 2, ["rl.parallel=fsdp"]))}
+    procs = {name: _launch(["--config", "c.yaml", f"model.path={tiny_model}",
+                            f"run.output_dir={name}", *extra], d, n, env)
+             for name, n, extra, env in (
+                 ("one", 1, [], None), ("two", 2, [], None),
+                 ("killed", 2, ["rl.parallel=fsdp"], {"TAO_FAST_KILL_AT": "2@1"}))}
     yield d, procs
     for p in procs.values():
         if p.poll() is None:
             p.kill()
 
 
-def _rank_pid(launcher_pid: int, rank: int) -> int | None:
-    """The torchrun worker of `rank`: a child of the launcher with RANK=rank in its env."""
-    for task in os.listdir(f"/proc/{launcher_pid}/task"):
-        with open(f"/proc/{launcher_pid}/task/{task}/children") as f:
-            for pid in map(int, f.read().split()):
-                try:
-                    with open(f"/proc/{pid}/environ", "rb") as e:
-                        if f"RANK={rank}".encode() in e.read().split(b"\0"):
-                            return pid
-                except OSError:
-                    pass
-    return None
-
-
 @pytest.mark.slow
 def test_a_killed_rank_stops_the_run_fast_and_it_resumes(torchrun_runs):
     """An FSDP2 run (states gathered from the shards to rank 0, loaded back into shards):
-    SIGKILL rank 1 after step 1's state; the launcher stops within seconds with one clear
-    line; --resume finishes it, landing on the 2-rank DDP run's weights (up to summation
-    order: FSDP reduce-scatters per micro-batch, DDP all-reduces once). Runs first (file
-    order), while the fixture's other two runs are still going."""
+    rank 1 SIGKILLs itself in step 2 (TAO_FAST_KILL_AT=2@1, after step 1's state); the
+    launcher stops within seconds with one clear line; --resume finishes it, landing on the
+    2-rank DDP run's weights (up to summation order: FSDP reduce-scatters per micro-batch, DDP
+    all-reduces once). Runs first (file order), while the fixture's other two runs go on."""
     d, procs = torchrun_runs
     p, run = procs["killed"], d / "killed"
     deadline = time.time() + 400
     while not (run / "state" / "latest").exists():  # step 1 done and its state saved
         assert p.poll() is None, p.stdout.read()[-3000:]
         assert time.time() < deadline
-        time.sleep(0.1)
-    pid = _rank_pid(p.pid, 1)
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    t0 = time.time()
+        time.sleep(0.05)
+    t0 = time.time()  # rank 1 dies moments later, once step 2's rollouts are in
     out = p.communicate(timeout=120)[0]
     took = time.time() - t0
     assert p.returncode != 0

@@ -90,14 +90,15 @@ def test_render_scale_by_hand():
 
 
 @pytest.mark.slow
-def test_tiny_scale_run_end_to_end(tmp_path, monkeypatch, embedded):
+def test_tiny_scale_run_end_to_end(tmp_path, monkeypatch, tiny_model):
     from tao_fast.cli import DEMO
     from tao_fast.config import load_config
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None, ["data.n_eval=4", "data.n_train=16", "run.steps=1",
                              "rl.prompts_per_step=2", "rollout.max_tokens=8", "rollout.engine=torch",
-                             "eval.max_tokens=8", "run.progress=false", "model.ops_backend=torch"],
+                             "eval.max_tokens=8", "run.progress=false", "model.ops_backend=torch",
+                             f"model.path={tiny_model}"],
                       base=DEMO)
     res = scale(cfg, [3, 2], "sc")
     assert res["ns"] == [2, 3] and [r["n"] for r in res["runs"]] == [2, 3]

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import namedtuple
 
 import pytest
@@ -76,10 +75,10 @@ def test_latest_always_names_a_complete_state(tmp_path):
 Run = namedtuple("Run", "dir config")
 
 
-def write_config(tmp_path, name, steps=5, rounds=1, train="prompts.jsonl"):
+def write_config(tmp_path, name, model, steps=5, rounds=1, train="prompts.jsonl"):
     cfg = tmp_path / f"{name}.yaml"
     cfg.write_text(
-        "model:\n  ops_backend: torch\n"
+        f"model:\n  path: {model}\n  ops_backend: torch\n"
         f"data:\n  train: {train}\n"
         "scoring:\n  scorer: random\n"
         "rollout:\n  engine: torch\n  n: 2\n  max_tokens: 6\n  temperature: 1.0\n"
@@ -95,26 +94,23 @@ def prompts(path, words):
                             for w in words))
 
 
-def cli(*args, cwd):
+def cli(*args, cwd, env=None):
     return subprocess.Popen([sys.executable, "-m", "tao_fast.cli", *map(str, args)], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
 
 
 @pytest.mark.slow
-def test_sigkill_mid_step_then_resume_matches_an_uninterrupted_run(tmp_path, embedded):
+def test_sigkill_mid_step_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model):
     prompts(tmp_path / "prompts.jsonl", ["cats", "rain", "tea", "maps", "jazz"])
-    ref, killed = write_config(tmp_path, "ref"), write_config(tmp_path, "killed")
+    ref = write_config(tmp_path, "ref", tiny_model)
+    killed = write_config(tmp_path, "killed", tiny_model)
     p = cli("tune", "--config", ref.config, cwd=tmp_path)
-    q = cli("tune", "--config", killed.config, cwd=tmp_path)
-    metrics = killed.dir / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill after step 3 is logged: the state of step 2 exists,
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:  # step 4 is running
-            break
-        assert q.poll() is None, q.stdout.read()
-        time.sleep(0.05)
-    os.kill(q.pid, signal.SIGKILL)
-    q.wait()
+    # SIGKILLed in step 4, after its rollouts: step 3 is logged, the state of step 2 is on disk
+    q = cli("tune", "--config", killed.config, cwd=tmp_path, env={"TAO_FAST_KILL_AT": "4"})
+    out = q.communicate(timeout=300)[0]
+    assert q.returncode == -signal.SIGKILL, out
+    assert len((killed.dir / "metrics.jsonl").read_text().splitlines()) == 3
     assert p.wait(timeout=300) == 0, p.stdout.read()
     assert latest_state(killed.dir).name == "step-000002"
     assert not (killed.dir / "checkpoint-round1").exists()
@@ -127,7 +123,7 @@ def test_sigkill_mid_step_then_resume_matches_an_uninterrupted_run(tmp_path, emb
     assert steps == [1, 2, 3, 4, 5]  # step 3 redone once, nothing lost or doubled
     a = load_file(str(ref.dir / "checkpoint-round1" / "model.safetensors"))
     b = load_file(str(killed.dir / "checkpoint-round1" / "model.safetensors"))
-    base = load_file(str(embedded[2] / "model.safetensors"))
+    base = load_file(str(tiny_model / "model.safetensors"))
     assert any(not torch.equal(a[k], base[k]) for k in a)  # training did move the weights
     assert all(torch.equal(a[k], b[k]) for k in a)  # and the resumed run landed on the same ones
     leftovers = [p for p in killed.dir.rglob("*") if ".tmp-" in p.name or p.name.endswith(".old")]
@@ -137,12 +133,12 @@ def test_sigkill_mid_step_then_resume_matches_an_uninterrupted_run(tmp_path, emb
 
 
 @pytest.mark.slow
-def test_rounds_pick_up_new_prompt_files(tmp_path, monkeypatch, embedded):
+def test_rounds_pick_up_new_prompt_files(tmp_path, monkeypatch, tiny_model):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
     prompts(tmp_path / "data" / "week1.jsonl", ["cats", "rain", "tea", "maps"])
     prompts(tmp_path / "data" / "heldout.jsonl", ["never trained on"])
-    run = write_config(tmp_path, "flywheel", steps=1, train="data")
+    run = write_config(tmp_path, "flywheel", tiny_model, steps=1, train="data")
     tao_fast.tune(str(run.config))
     with pytest.raises(ConfigError, match="already holds a run"):
         tao_fast.tune(str(run.config))
@@ -172,6 +168,24 @@ def test_full_disk_fails_before_the_round(tmp_path, monkeypatch, embedded):
         tao_fast.tune(cfg)
     assert e.value.errno == errno.ENOSPC
     assert not (tmp_path / "r" / "metrics.jsonl").read_text()  # no step ran
+
+
+def test_space_check_counts_only_what_will_be_written(tmp_path, monkeypatch):
+    """A mock stands in for the disk (shutil.disk_usage). Room for the round's checkpoint but
+    not for a training state as well: fine with run.keep_states=0, a clear error otherwise."""
+    import shutil
+
+    from tao_fast.rl.state import estimate_bytes
+    from tao_fast.tuning import _check_space
+
+    model = tiny_learner(0).model
+    ckpt = sum(p.numel() * p.element_size() for p in model.parameters())
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda p: Usage(1 << 40, 0, ckpt + estimate_bytes(model) // 2))
+    _check_space(tmp_path, model, states=False)
+    with pytest.raises(OSError, match="a training state and a checkpoint .* run.keep_states=0"):
+        _check_space(tmp_path, model, states=True)
 
 
 def test_unresumable_dirs_say_why(tmp_path):

@@ -168,15 +168,15 @@ def test_sleep_frees_the_kv_cache_and_wake_restores_it(learner, engines):
     assert eng.generate(prompts, GREEDY).token_ids == base  # generate wakes it
 
 
-def test_two_round_tune_with_vllm(tmp_path, monkeypatch):
+def test_two_round_tune_with_vllm(tmp_path, monkeypatch, tiny_model):
     import tao_fast
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(
         {"prompt": f"What is {a} + {b}?"}) for a, b in ((2, 3), (11, 5), (7, 8))) + "\n")
     cfg = load_config(None, [
-        "model.ops_backend=torch", "data.train=prompts.jsonl", "scoring.scorer=random",
-        "rollout.engine=vllm", "rollout.n=4", "rollout.max_tokens=8", "rollout.dtype=bfloat16",
+        f"model.path={tiny_model}", "model.ops_backend=torch", "data.train=prompts.jsonl",
+        "scoring.scorer=random", "rollout.engine=vllm", "rollout.n=4", "rollout.max_tokens=8", "rollout.dtype=bfloat16",
         "rollout.kv_cache_gb=0.125", "rollout.max_model_len=256", "rollout.weight_sync=shared",
         "rl.prompts_per_step=2", "rl.lr=1e-4", "rl.micro_batch_tokens=256",
         "eval.before=false", "eval.after=false",
