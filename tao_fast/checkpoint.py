@@ -12,21 +12,26 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from tao_fast.fileio import atomic_write_text  # noqa: F401 - re-exported for callers
 from tao_fast.models.loader import hf_state_dict
 
 
-def save_checkpoint(model, tokenizer, out_dir, extra: dict | None = None) -> Path:
-    """Write model (HF names, fp32 or its dtype), config.json and tokenizer to out_dir."""
+def save_checkpoint(model, tokenizer, out_dir, extra: dict | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write model (HF names, in `dtype`, default its own), config.json and tokenizer to
+    out_dir, atomically (a temp dir, then rename)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     try:
-        save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        dtype = dtype or model.embed_tokens.weight.dtype
+        sd = {k: v.to(dtype) for k, v in hf_state_dict(model).items()}
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         cfg = model.args.to_hf()
-        cfg["torch_dtype"] = str(model.embed_tokens.weight.dtype).replace("torch.", "")
+        cfg["torch_dtype"] = str(dtype).replace("torch.", "")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         gen = {"bos_token_id": model.args.bos_token_id, "eos_token_id": model.args.eos_token_id}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))

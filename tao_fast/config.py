@@ -179,6 +179,9 @@ class RunConfig:
     # training states kept on disk, each ~3x the learner's weights (weights + AdamW moments;
     # 1.6 GB for the 135M model); 0 = write none: a killed run cannot be resumed
     keep_states: int = 1
+    # round checkpoints: auto = the learner's dtype (model.dtype); bfloat16 halves an fp32
+    # learner's checkpoint (what is usually served), at the cost of updates below bf16's step
+    checkpoint_dtype: str = "auto"
     progress: bool = True
     dist_timeout_s: float = 300.0  # under torchrun: longest wait on another rank before failing
 
@@ -189,6 +192,7 @@ class RunConfig:
         _check(self.threads >= 0, "run.threads", "must be >= 0")
         _check(self.save_every >= 0, "run.save_every", "must be >= 0")
         _check(self.keep_states >= 0, "run.keep_states", "must be >= 0")
+        _one_of(self.checkpoint_dtype, ("auto", "float32", "bfloat16"), "run.checkpoint_dtype")
 
 
 @dataclass

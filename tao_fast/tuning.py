@@ -115,11 +115,13 @@ def _check_writable(run_dir: Path) -> None:
         raise ConfigError(f"run.output_dir: cannot write to {run_dir}: {e.strerror}") from None
 
 
-def _check_space(run_dir: Path, model, states: bool) -> None:
+def _check_space(run_dir: Path, model, states: bool,
+                 ckpt_dtype: torch.dtype | None = None) -> None:
     """Before a round's work: room for a new training state (written beside the old one, which
     goes once the new one is complete) and the round's checkpoint, or a clear error now rather
     than a failed save after the round's compute is spent."""
-    ckpt = sum(p.numel() * p.element_size() for p in model.parameters())
+    ckpt = sum(p.numel() * (ckpt_dtype.itemsize if ckpt_dtype else p.element_size())
+               for p in model.parameters())
     need = ckpt + (estimate_bytes(model) if states else 0)
     free = shutil.disk_usage(run_dir).free
     if free < need:
@@ -282,6 +284,7 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
                           f"{last or 'none'}") from None
 
     kill_at = _kill_at()
+    ckpt_dtype = _DTYPES.get(cfg.run.checkpoint_dtype)  # None: "auto", the learner's own
     while rnd <= cfg.run.rounds:
         if pool is None:  # a new round: the prompts that arrived since, plus a replayed share
             plan = plan_round(rnd, cfg.data.train, manifest, cfg.data.replay_frac,
@@ -294,7 +297,7 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
             log(f"[tao-fast] round {rnd}: {plan.n_new} new prompts from "
                 f"{len(plan.new_files)} new file(s), {plan.n_replay} replayed")
         encoded.clear()
-        _check_space(run_dir, model, states=cfg.run.keep_states > 0)
+        _check_space(run_dir, model, cfg.run.keep_states > 0, ckpt_dtype)
         while step <= cfg.run.steps:
             t0 = time.perf_counter()
             gstep = (rnd - 1) * cfg.run.steps + step
@@ -371,7 +374,8 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
         if dist_.is_main():
             result.checkpoint = save_checkpoint(
                 whole, tok, run_dir / f"checkpoint-round{rnd}",
-                extra={"round": rnd, "steps": learner.steps_done, "base_model": str(model_dir)})
+                extra={"round": rnd, "steps": learner.steps_done, "base_model": str(model_dir)},
+                dtype=ckpt_dtype)
         log(f"[tao-fast] round {rnd}: checkpoint {result.checkpoint}")
         if cfg.eval.after and rnd < cfg.run.rounds:
             _eval(cfg, engine, tok, eval_scorer, held, f"round{rnd}", run_dir)

@@ -127,7 +127,8 @@ def test_two_step_tune_with_a_gated_mix(tmp_path, monkeypatch, embedded):
         "rollout.engine=torch",
         "rollout.max_tokens=8", "rollout.temperature=1.0", "rl.prompts_per_step=2",
         "eval.before=false", "eval.after=false", "run.steps=2", "run.output_dir=run",
-        "run.progress=false", "run.keep_states=0"])
+        "run.progress=false", "run.keep_states=0",
+        "run.checkpoint_dtype=bfloat16"])
     cfg.scoring.scorer = scorer
     res = tao_fast.tune(cfg)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

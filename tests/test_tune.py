@@ -29,7 +29,8 @@ def test_two_step_tune_writes_loadable_checkpoint(tmp_path, monkeypatch, embedde
         "rollout:\n  engine: torch\n  n: 3\n  max_tokens: 12\n  dtype: bfloat16\n"
         "rl:\n  prompts_per_step: 2\n  lr: 1.0e-4\n  micro_batch_tokens: 64\n"
         "eval:\n  before: false\n  after: false\n"
-        "run:\n  steps: 2\n  output_dir: run\n  progress: false\n  keep_states: 0\n")
+        "run:\n  steps: 2\n  output_dir: run\n  progress: false\n  keep_states: 0\n"
+        "  checkpoint_dtype: bfloat16\n")
     res = tao_fast.tune(str(tmp_path / "tune.yaml"))
 
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -44,10 +45,12 @@ def test_two_step_tune_writes_loadable_checkpoint(tmp_path, monkeypatch, embedde
     assert ckpt == tmp_path / "run" / "checkpoint-round1"
     assert not list((tmp_path / "run").glob("*.tmp-*"))  # nothing half-written left behind
     assert not (tmp_path / "run" / "state").exists()  # keep_states=0: 1.6 GB not written
+    assert json.loads((ckpt / "config.json").read_text())["torch_dtype"] == "bfloat16"
     base, _, base_dir = embedded
     new = load_file(str(ckpt / "model.safetensors"))
     old = load_file(str(base_dir / "model.safetensors"))
-    changed = [k for k in old if not torch.equal(old[k], new[k])]
+    assert all(t.dtype == torch.bfloat16 for t in new.values())
+    changed = [k for k in old if not torch.equal(old[k].to(torch.bfloat16), new[k])]
     assert len(changed) > len(old) // 2  # the update moved most tensors
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
