@@ -82,6 +82,9 @@ class RolloutConfig:
     enforce_eager: bool | str = "auto"  # true | false (compiled, CUDA graphs) | auto (eager on CPU)
     weight_sync: str = "auto"  # shared (vLLM's tensors = the learner's) | reload (vLLM's own
     # in-place reload; keeps its packed CPU GEMMs) | auto (shared): tao_fast/rollout/vllm_engine.py
+    # under torchrun: ranks per vLLM engine (its tensor-parallel degree; must divide the world);
+    # 1 = every rank runs its own whole-model vLLM on its share of the prompts
+    tensor_parallel: int = 1
 
     def __post_init__(self):
         _one_of(self.engine, ("auto", "torch", "vllm"), "rollout.engine")
@@ -92,6 +95,10 @@ class RolloutConfig:
                f"must be >= 0 (0 = the model's maximum), got {self.max_model_len}")
         _one_of(self.enforce_eager, (True, False, "auto"), "rollout.enforce_eager")
         _one_of(self.weight_sync, ("auto", "shared", "reload"), "rollout.weight_sync")
+        _check(self.tensor_parallel >= 1, "rollout.tensor_parallel", "must be >= 1")
+        _check(self.tensor_parallel == 1 or self.weight_sync != "shared",
+               "rollout.tensor_parallel", "> 1 shards vLLM's weights, which the learner's whole "
+               "tensors cannot share: use rollout.weight_sync=reload (or auto)")
         _check(self.n >= 1, "rollout.n", f"must be >= 1, got {self.n}")
         _check(self.temperature >= 0, "rollout.temperature", f"must be >= 0, got {self.temperature}")
         _check(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")

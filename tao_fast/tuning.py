@@ -92,13 +92,18 @@ def make_engine(cfg: TaoConfig, model, tokenizer):
                     resolve_model_path(cfg.model.path), model, tokenizer, dtype=ro.dtype,
                     gpu_memory_utilization=ro.gpu_memory_utilization, kv_cache_gb=ro.kv_cache_gb,
                     max_model_len=ro.max_model_len, enforce_eager=ro.enforce_eager,
-                    weight_sync=ro.weight_sync, seed=cfg.run.seed)
+                    weight_sync=ro.weight_sync, seed=cfg.run.seed,
+                    tensor_parallel=ro.tensor_parallel)
             except vllm_engine.VllmUnavailable as e:
                 ok, why = False, str(e)
         if ro.engine == "vllm":
             raise ConfigError(f"rollout.engine=vllm: {why}")
         if vllm_engine.vllm_installed():
             log(f"[tao-fast] rollout engine: torch (vLLM not used: {why})")
+    if ro.tensor_parallel > 1:
+        raise ConfigError(f"rollout.tensor_parallel={ro.tensor_parallel} shards vLLM across ranks; "
+                          f"the torch engine has no tensor parallelism (rollout.engine="
+                          f"{ro.engine}{'' if ro.engine == 'torch' else ': ' + why})")
     sampler = model
     if _DTYPES[cfg.rollout.dtype] != model.embed_tokens.weight.dtype:
         sampler = copy.deepcopy(model).to(_DTYPES[cfg.rollout.dtype]).requires_grad_(False)
@@ -387,6 +392,11 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
     result.wall_seconds = time.perf_counter() - t_start
     if dist_.is_main():
         write_summary(result, cfg)
+    if dist_.active() and hasattr(engine, "close"):
+        # vLLM's TP/DP groups are made of torchrun's ranks: release them together, before the
+        # process group goes (left to exit, vLLM's cleanup fails on the destroyed groups)
+        dist_.barrier("end of run")
+        engine.close()
     return result
 
 

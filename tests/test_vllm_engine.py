@@ -223,8 +223,11 @@ def test_failures_are_clear(learner, tmp_path, monkeypatch):
         VllmEngine(bad, model, tok, **SMALL)
     with pytest.raises(ConfigError, match="rollout.kv_cache_gb"):
         VllmEngine(path, model, tok, kv_cache_gb=100_000, max_model_len=256)
+    with pytest.raises(ConfigError, match="groups of 2; launch with torchrun"):
+        VllmEngine(path, model, tok, tensor_parallel=2, **SMALL)  # one process, no ranks
     for kv in ("rollout.gpu_memory_utilization=0", "rollout.gpu_memory_utilization=1.5",
                "rollout.kv_cache_gb=-1", "rollout.enforce_eager=maybe",
-               "rollout.weight_sync=rsync", "rollout.max_model_len=-2"):
+               "rollout.weight_sync=rsync", "rollout.max_model_len=-2",
+               "rollout.tensor_parallel=0"):
         with pytest.raises(ConfigError, match=kv.split("=")[0]):
             load_config(None, [kv])

@@ -217,8 +217,9 @@ def generate_and_score(engine, scorer, prompts: Sequence[list[int]], records: Se
                        sampling, progress: bool = False):
     """One step's rollouts and rewards for all `prompts`, the work split over ranks.
 
-    Rank r generates and scores its contiguous slice (`shard_range`; a group never straddles
-    two ranks while it is sampled and scored, so consensus-style scorers see whole groups),
+    Rank r (under vLLM tensor parallel, TP group r // tp) generates and scores its contiguous
+    slice (`shard_range`; a group never straddles two ranks while it is sampled and scored,
+    so consensus-style scorers see whole groups),
     with sampling.prompt_index set to the slice's start so the torch engine's samples are
     those a single process would draw. The slices are then gathered, so every rank returns
     the whole step (every group, every reward) for the advantages, in prompt order.
@@ -230,7 +231,10 @@ def generate_and_score(engine, scorer, prompts: Sequence[list[int]], records: Se
     from tao_fast.rollout import Rollouts
     from tao_fast.scoring import ScoreResult
 
-    lo, hi = shard_range(len(prompts))
+    # vLLM tensor parallel over torchrun ranks: the ranks of one TP group are one engine, so
+    # they take the same slice (in lockstep) and only the group's first rank's results count
+    tp = getattr(engine, "tensor_parallel", 1)
+    lo, hi = shard_range(len(prompts), world_size() // tp, rank() // tp)
     t0 = time.perf_counter()
     base = sampling.prompt_index or 0
     if hi > lo:
@@ -244,7 +248,7 @@ def generate_and_score(engine, scorer, prompts: Sequence[list[int]], records: Se
     sc = scorer.score(list(records[lo:hi]), ro.texts) if hi > lo else ScoreResult([], [])
     if not active():
         return ro, sc, t1 - t0, time.perf_counter() - t1
-    parts = all_gather_object((ro, sc), "rollout gather")
+    parts = all_gather_object((ro, sc), "rollout gather")[::tp]
     ros, scs = [p[0] for p in parts], [p[1] for p in parts]
     cat = lambda xs: [y for x in xs for y in x]  # noqa: E731
     secs = max(r.stats.get("seconds", 0.0) for r in ros)

@@ -23,6 +23,11 @@ Weight sync, `weight_sync` (the path that ran is `engine.sync_path`):
   the packed kernels. This is the path that works where loading through
   `model.load_weights` alone does not ("parameter (torch.Size([0]))" on the CPU backend).
 - "auto": "shared" on a GPU; on the CPU backend `CPU_AUTO_SYNC` (measured: "shared").
+Under torchrun (tao_fast.rl.distributed active) the engine uses vLLM's external launcher: each
+rank is one vLLM worker in torchrun's process group. `tensor_parallel` ranks make one engine
+(TP shards; they must get the same prompts, see distributed.generate_and_score) and the world
+/ tensor_parallel engines are vLLM's data parallelism. A TP shard cannot alias the learner's
+whole tensors, so tensor_parallel > 1 syncs by "reload".
 vLLM's own log level defaults to ERROR here (VLLM_LOGGING_LEVEL overrides).
 
 Sleep, `engine.sleep_path`: "cuda-kv-cache" (vLLM sleep mode: pause, release the KV cache's
@@ -218,9 +223,12 @@ class VllmEngine:
     def __init__(self, model_dir, learner, tokenizer, *, dtype: str = "bfloat16",
                  gpu_memory_utilization: float = 0.5, kv_cache_gb: float = 0.0,
                  max_model_len: int = 0, enforce_eager: bool | str = "auto",
-                 weight_sync: str = "auto", seed: int = 0):
+                 weight_sync: str = "auto", seed: int = 0, tensor_parallel: int = 1):
         vllm = import_vllm()
         from vllm.platforms import current_platform
+
+        from tao_fast.config import ConfigError
+        from tao_fast.rl import distributed as dist_
 
         self.vllm_version = vllm.__version__
         self.tokenizer = tokenizer
@@ -228,11 +236,22 @@ class VllmEngine:
         self.args = learner.args
         self.dtype = _DTYPES[dtype]
         self.on_cpu = current_platform.is_cpu()
-        self.device = torch.device("cpu") if self.on_cpu else torch.device("cuda", 0)
+        self.device = torch.device("cpu") if self.on_cpu else dist_.device()
         if weight_sync not in ("auto", "shared", "reload"):
             raise ValueError(f"weight_sync must be auto, shared or reload, got {weight_sync!r}")
-        if weight_sync == "auto":
-            weight_sync = CPU_AUTO_SYNC if self.on_cpu else "shared"
+        world = dist_.world_size() if dist_.active() else 1
+        if world % tensor_parallel:
+            raise ConfigError(f"rollout.tensor_parallel={tensor_parallel}: vLLM's tensor-parallel "
+                              f"groups are made of torchrun's ranks, and {world} rank(s) do not "
+                              f"split into groups of {tensor_parallel}"
+                              + ("; launch with torchrun --nproc-per-node N" if world == 1 else ""))
+        self.tensor_parallel = tensor_parallel
+        if weight_sync == "auto":  # a TP shard cannot alias the learner's whole tensors
+            weight_sync = "reload" if tensor_parallel > 1 else (
+                CPU_AUTO_SYNC if self.on_cpu else "shared")
+        if weight_sync == "shared" and tensor_parallel > 1:
+            raise ConfigError("rollout.weight_sync=shared with rollout.tensor_parallel > 1: "
+                              "vLLM's weights are sharded; use weight_sync=reload")
         self.weight_sync = weight_sync
         self.eos_ids = stop_token_ids(self.args, tokenizer)
         model_dir = Path(model_dir)
@@ -251,6 +270,12 @@ class VllmEngine:
                       enforce_eager=bool(enforce_eager), logprobs_mode="processed_logprobs",
                       gpu_memory_utilization=gpu_memory_utilization,
                       enable_prefix_caching=True, enable_sleep_mode=self.sleep_path == "cuda-kv-cache")
+        if world > 1:  # under torchrun: each rank is one vLLM worker (torchrun's own ranks
+            # and process group, no extra processes); world = tensor_parallel x data parallel
+            kwargs.update(distributed_executor_backend="external_launcher",
+                          tensor_parallel_size=tensor_parallel)
+            if world // tensor_parallel > 1:
+                kwargs["data_parallel_size"] = world // tensor_parallel
         if kv_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = kv_bytes
         if max_model_len:
@@ -267,8 +292,6 @@ class VllmEngine:
         except Exception as e:
             msg = str(e)
             if "memory" in msg.lower() or "kv cache" in msg.lower():
-                from tao_fast.config import ConfigError
-
                 raise ConfigError(
                     f"rollout.gpu_memory_utilization={gpu_memory_utilization} / rollout."
                     f"kv_cache_gb={kv_cache_gb}: vLLM cannot get the memory it was asked for: "
