@@ -71,6 +71,7 @@ def evaluate(model, prompts, scorer, *, tokenizer=None, engine=None, max_tokens:
     (inference-time compute instead of tuning, TAO's reference line).
     The 95% CI is Wilson's over prompts (samples of one prompt are not independent).
     """
+    from tao_fast.rl import distributed as dist_
     from tao_fast.rollout.torch_engine import TorchEngine
     from tao_fast.scoring import build_scorer
 
@@ -94,16 +95,21 @@ def evaluate(model, prompts, scorer, *, tokenizer=None, engine=None, max_tokens:
     if not recs:
         raise ValueError("evaluate() needs at least one prompt")
     ids = [encode_prompt(r, tokenizer, strategy, system_prompt) for r in recs]
-    ro = engine.generate(ids, SamplingParams(n=samples, temperature=temperature,
-                                             max_tokens=max_tokens, seed=seed),
-                         progress=progress)
-    texts, lens = ro.texts, [[len(t) for t in g] for g in ro.token_ids]  # [P][N]
-    if select is not None and samples > 1:  # best-of-N: keep the selector's favourite
-        sel = select.score(recs, texts).rewards
-        best = [max(range(len(g)), key=lambda c, g=g: g[c]) for g in sel]
-        texts = [[g[b]] for g, b in zip(texts, best)]
-        lens = [[g[b]] for g, b in zip(lens, best)]
-    res = scorer.score(recs, texts)
+    sampling = SamplingParams(n=samples, temperature=temperature, max_tokens=max_tokens,
+                              seed=seed)
+    if select is None and dist_.active():  # under torchrun: each engine answers and scores
+        # a slice, and every rank gets the whole result (as a training step's rollouts)
+        ro, res, _, _ = dist_.generate_and_score(engine, scorer, ids, recs, sampling, progress)
+        texts, lens = ro.texts, [[len(t) for t in g] for g in ro.token_ids]  # [P][N]
+    else:
+        ro = engine.generate(ids, sampling, progress=progress)
+        texts, lens = ro.texts, [[len(t) for t in g] for g in ro.token_ids]  # [P][N]
+        if select is not None and samples > 1:  # best-of-N: keep the selector's favourite
+            sel = select.score(recs, texts).rewards
+            best = [max(range(len(g)), key=lambda c, g=g: g[c]) for g in sel]
+            texts = [[g[b]] for g, b in zip(texts, best)]
+            lens = [[g[b]] for g, b in zip(lens, best)]
+        res = scorer.score(recs, texts)
     per_prompt = [sum(r) / len(r) for r in res.rewards]
     acc_pp = [sum(x >= 1.0 for x in r) / len(r) for r in res.rewards]
     accuracy = sum(acc_pp) / len(acc_pp)

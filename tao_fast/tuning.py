@@ -171,7 +171,7 @@ def _eval(cfg, engine, tokenizer, scorer, prompts, name, run_dir) -> EvalResult 
                        max_tokens=cfg.eval.max_tokens, temperature=temp, samples=k,
                        strategy=cfg.rollout.strategy, system_prompt=cfg.data.system_prompt,
                        progress=cfg.run.progress, seed=cfg.run.seed)
-        if dist_.is_main():  # every rank evaluates (same answers); rank 0 writes
+        if dist_.is_main():  # each engine answered a slice, every rank has all; rank 0 writes
             res.save(run_dir / f"eval_{name}{suffix}.json")
         log(f"[eval {name}] held-out {res.summary()} ({res.seconds:.0f} s)")
         out = out or res

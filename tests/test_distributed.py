@@ -298,7 +298,11 @@ def torchrun_runs(tmp_path_factory, embedded, tiny_model):
         json.dumps({"prompt": f"Say something about {w}."}) + "\n"
         for w in ["cats", "rain", "tea", "maps", "jazz"]))
     (d / "c.yaml").write_text(CONFIG)
-    small = ["run.keep_states=0", "run.checkpoint_dtype=bfloat16"]
+    (d / "heldout.jsonl").write_text("".join(
+        json.dumps({"prompt": f"Name a {w}."}) + "\n" for w in ["colour", "fruit", "city"]))
+    # + a held-out eval after the run: 3 greedy answers, split 2 + 1 over two ranks
+    small = ["run.keep_states=0", "run.checkpoint_dtype=bfloat16", "eval.after=true",
+             "data.eval=heldout.jsonl", "eval.max_tokens=6"]
     tiny = [f"model.path={tiny_model}"]
     runs = (("one", 1, small, None), ("two", 2, small, None),
             ("tiny-one", 1, tiny, None),
@@ -374,6 +378,9 @@ def test_two_ranks_give_the_one_rank_curve(torchrun_runs, embedded):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
         assert b["kl"] == pytest.approx(a["kl"], abs=1e-6)
+    ea, eb = (json.loads((d / r / "eval_after.json").read_text()) for r in ("one", "two"))
+    assert [x["response"] for x in eb["records"]] == [x["response"] for x in ea["records"]]
+    assert eb["n"] == 3 and eb["accuracy"] == ea["accuracy"]
     wa, wb = _weights(d / "one"), _weights(d / "two")
     base = load_file(str(embedded[2] / "model.safetensors"))
     n = moved = off = 0
