@@ -466,3 +466,30 @@ def test_tensor_parallel_needs_vllm_and_ranks(tmp_path, tiny_model):
         tao_fast.tune(cfg)
     with pytest.raises(ConfigError, match="weight_sync=reload"):
         load_config(overrides=["rollout.tensor_parallel=2", "rollout.weight_sync=shared"])
+
+
+@pytest.mark.slow
+def test_two_nodes_by_rendezvous_give_the_one_rank_curve(torchrun_runs, tiny_model):
+    """Multi-node as torchrun does it: two launchers (one per 'node', here both on localhost)
+    meet through a c10d rendezvous and make one 2-rank run in a shared output directory; it
+    matches the 1-rank run of the same config (tiny model) step for step."""
+    d, procs = torchrun_runs
+    endpoint = f"127.0.0.1:{_free_port()}"
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+         "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=tao-test",
+         "-m", "tao_fast.cli", "tune", "--config", "c.yaml", f"model.path={tiny_model}",
+         "run.output_dir=nodes"],
+        cwd=d, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    for p in nodes:
+        out = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, out[-3000:]
+    assert procs["tiny-one"].wait(timeout=600) == 0
+    one, two = _metrics(d / "tiny-one"), _metrics(d / "nodes")
+    assert [m["step"] for m in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        assert b["reward_mean"] == a["reward_mean"] and b["samples"] == a["samples"]
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    want, got = _weights(d / "tiny-one"), _weights(d / "nodes")
+    assert max(float((want[k] - got[k]).abs().max()) for k in want) < 1e-5
