@@ -151,6 +151,13 @@ def _kill_at() -> int | None:
     return int(step)
 
 
+def _judges_with_policy(scorer) -> bool:
+    """Whether `scorer` (or a part of a mix) is an LLM judge that asks the policy's engine."""
+    if getattr(scorer, "model_spec", None) == "policy":
+        return True
+    return any(_judges_with_policy(p.scorer) for p in getattr(scorer, "parts", ()))
+
+
 def _write_lines(path: Path, lines: list[dict]) -> None:
     if not dist_.is_main():  # under torchrun rank 0 alone writes the run directory
         return
@@ -223,7 +230,7 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
     model, tok, model_dir = load_model(cfg.model.path, dtype=_DTYPES[cfg.model.dtype])
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     learner = Learner(model, cfg.rl, cfg.rollout.temperature, cfg.model.ops_backend,
-                      progress=cfg.run.progress)
+                      progress=cfg.run.progress, replica_dtype=_DTYPES[cfg.rollout.dtype])
     rng = random.Random(cfg.run.seed)
     result = TuneResult(run_dir=run_dir, checkpoint=None)
     metrics_path, manifest = run_dir / "metrics.jsonl", read_manifest(run_dir)
@@ -254,6 +261,16 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
     # after the resumed weights are in the model; under FSDP, a whole-weight replica
     engine = make_engine(cfg, learner.full_model(), tok)
     policy.update(engine=engine, tokenizer=tok)
+    if getattr(engine, "lockstep", False):
+        for where, s in (("scoring.scorer", scorer), ("eval.scorer", eval_scorer)):
+            if _judges_with_policy(s):
+                raise ConfigError(
+                    f"{where}: a judge on the policy model under vLLM data parallelism "
+                    f"({dist_.world_size() // cfg.rollout.tensor_parallel} engines): vLLM's "
+                    f"data-parallel engines step together, and each rank judges a different "
+                    f"share (a gate may leave one rank nothing to judge). Give the judge its "
+                    f"own model (model: PATH), or make one engine of all ranks with "
+                    f"rollout.tensor_parallel={dist_.world_size()}")
     log(f"[tao-fast] model {model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
         f"params), {len(train)} training prompts, {len(held)} held-out, scorer {scorer.name}"
         f" (held-out scored by {eval_scorer.name})")
@@ -375,7 +392,7 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
                 save(rnd, step, order)
             step += 1
         result.checkpoint = run_dir / f"checkpoint-round{rnd}"
-        whole = learner.full_model()  # FSDP: gathered from the shards (every rank takes part)
+        whole = learner.checkpoint_model()  # FSDP: gathered from the shards to rank 0
         if dist_.is_main():
             result.checkpoint = save_checkpoint(
                 whole, tok, run_dir / f"checkpoint-round{rnd}",

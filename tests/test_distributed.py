@@ -425,12 +425,13 @@ run:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,parallel,sync", [(2, "ddp", "reload"), (1, "fsdp", "cast")])
+@pytest.mark.parametrize("tp,parallel,sync", [(2, "ddp", "reload"), (1, "fsdp", "alias")])
 def test_vllm_rollouts_under_torchrun(tmp_path, tiny_model, tp, parallel, sync):
     """vLLM on every rank, its workers being torchrun's own processes (external launcher):
     tp=2 makes the two ranks one tensor-parallel engine (each holds half of vLLM's weights;
     they sample the same prompts in lockstep), tp=1 gives each rank a whole engine for half
-    the prompts. After step 1's update (lr 1e-2) the new weights must be in vLLM: step 2's
+    the prompts (the engines step together, so one with no prompts still takes part); under
+    FSDP2 its bf16 whole-weight replica is vLLM's own storage ("alias": one copy per rank). After step 1's update (lr 1e-2) the new weights must be in vLLM: step 2's
     sampler log-probs agree with the learner's to 2e-3 with the sync (0.29 when it was left
     out, tried by hand), and the held-out eval after the run goes through the same engine."""
     pytest.importorskip("vllm")
@@ -450,8 +451,15 @@ def test_vllm_rollouts_under_torchrun(tmp_path, tiny_model, tp, parallel, sync):
         assert m["gen_tokens"] == 4 * 2 * 4  # every prompt's 2 candidates, 4 tokens each
         assert m["sync_path"] == sync
     assert lines[1]["sampler_logprob_abs_diff"] < 0.02, lines[1]
-    assert (tmp_path / "run" / "eval_after.json").exists()
+    assert (tmp_path / "run" / "eval_after.json").exists()  # 1 prompt: one engine gets none
     assert (tmp_path / "run" / "checkpoint-round1" / "model.safetensors").exists()
+    if tp == 1:  # two data-parallel engines cannot share a judge on the policy
+        (tmp_path / "j.yaml").write_text(VLLM_CONFIG.replace(
+            "  scorer: random", "  scorer: {type: judge, model: policy}"))
+        p = _launch(["--config", "j.yaml", f"model.path={tiny_model}", "run.output_dir=j"],
+                    tmp_path, 2)
+        out = p.communicate(timeout=600)[0]
+        assert p.returncode != 0 and "a judge on the policy model under vLLM data" in out, out
 
 
 def test_tensor_parallel_needs_vllm_and_ranks(tmp_path, tiny_model):

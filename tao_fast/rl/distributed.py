@@ -237,7 +237,7 @@ def generate_and_score(engine, scorer, prompts: Sequence[list[int]], records: Se
     lo, hi = shard_range(len(prompts), world_size() // tp, rank() // tp)
     t0 = time.perf_counter()
     base = sampling.prompt_index or 0
-    if hi > lo:
+    if hi > lo or getattr(engine, "lockstep", False):  # vLLM DP engines step together
         ro = engine.generate(list(prompts[lo:hi]),
                              dataclasses.replace(sampling, prompt_index=base + lo),
                              progress=progress)

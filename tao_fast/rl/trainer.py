@@ -64,7 +64,8 @@ def _per_token(s: Sample):
 
 class Learner:
     def __init__(self, model: Transformer, cfg: RLConfig, temperature: float,
-                 ops_backend: str = "auto", progress: bool = False):
+                 ops_backend: str = "auto", progress: bool = False,
+                 replica_dtype: torch.dtype | None = None):
         if temperature <= 0:
             raise ValueError("training needs sampled rollouts: rollout.temperature must be > 0")
         self.model, self.cfg, self.temperature = model, cfg, temperature
@@ -78,9 +79,11 @@ class Learner:
         if dist_.world_size() > 1:
             self.parallel = dist_.choose_parallel(cfg.parallel, model, cfg.micro_batch_tokens)
             if self.parallel == "fsdp":
-                # the rollout engine and checkpoints need whole weights: a replica, refreshed
-                # from the shards by full_model() (vLLM's copy plays this part on a GPU)
-                self._replica = copy.deepcopy(model).requires_grad_(False)
+                # the rollout engine needs whole weights: a replica in the rollout dtype
+                # (`replica_dtype`), which a colocated vLLM of that dtype takes over as its
+                # own weights (one bf16 copy per rank, as tao_fast/rl/memory.py plans)
+                self._replica = copy.deepcopy(model).to(
+                    replica_dtype or model.embed_tokens.weight.dtype).requires_grad_(False)
                 dist_.fully_shard_model(model)
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                      weight_decay=cfg.weight_decay, eps=1e-8)
@@ -105,9 +108,25 @@ class Learner:
             targets = torch.tensor([0, IGNORE_INDEX], device=dev)
             (self._logprobs(self.model, batch, targets).sum() * 0.0).backward()
 
+    def checkpoint_model(self) -> Transformer | None:
+        """The model to write as a checkpoint, in the learner's own dtype: the model itself, or
+        under FSDP one assembled in host memory on rank 0 from the gathered shards (None on
+        the other ranks). A collective: call it on every rank."""
+        if self.parallel != "fsdp":
+            return self.model
+        main = dist_.is_main()
+        whole = {n: t.to("cpu", copy=True) for n, t in dist_.full_named_parameters(self.model)
+                 if main}  # every rank runs every gather; rank 0 keeps the tensors
+        if not main:
+            return None
+        with torch.device("meta"):
+            out = Transformer(self.model.args)
+        out.load_state_dict(whole, strict=False, assign=True)
+        return out
+
     def full_model(self) -> Transformer:
-        """The model with whole weights: the model itself, or under FSDP the replica refreshed
-        from the shards (a collective: call it on every rank)."""
+        """The model with whole weights for the rollout engine: the model itself, or under
+        FSDP the replica (rollout dtype) refreshed from the shards (a collective)."""
         if self.parallel != "fsdp":
             return self.model
         params = dict(self._replica.named_parameters())

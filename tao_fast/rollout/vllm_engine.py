@@ -246,6 +246,9 @@ class VllmEngine:
                               f"split into groups of {tensor_parallel}"
                               + ("; launch with torchrun --nproc-per-node N" if world == 1 else ""))
         self.tensor_parallel = tensor_parallel
+        # vLLM's data-parallel engines step together (an all-reduce per step): every rank must
+        # make the same sequence of generate() calls, with no prompts if it has none
+        self.lockstep = world // tensor_parallel > 1
         if weight_sync == "auto":  # a TP shard cannot alias the learner's whole tensors
             weight_sync = "reload" if tensor_parallel > 1 else (
                 CPU_AUTO_SYNC if self.on_cpu else "shared")
@@ -495,9 +498,14 @@ class VllmEngine:
 
     def generate(self, prompts: Sequence[list[int]], sampling: SamplingParams,
                  progress: bool = False) -> Rollouts:
-        check_prompts(prompts)
         if self._asleep:
             self.wake()
+        if not prompts:  # a data-parallel engine still takes its part in the others' steps
+            if self.lockstep:
+                self.llm.generate([], use_tqdm=False)
+            return Rollouts([], [], [], [], [], stats={"tokens": 0, "seconds": 0.0,
+                                                       "tokens_per_s": 0.0})
+        check_prompts(prompts)
         from vllm import SamplingParams as VSP
 
         sp = VSP(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
