@@ -258,8 +258,14 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
     else:
         _write_lines(metrics_path, [])
     manifest = manifest[:rnd - 1 if pool is None else rnd]
-    # after the resumed weights are in the model; under FSDP, a whole-weight replica
-    engine = make_engine(cfg, learner.full_model(), tok)
+    # after the resumed weights are in the model. Under FSDP the engine gets a whole-weight
+    # replica, except a vLLM TP engine: it loads its shards straight from the learner's
+    tp_engine = cfg.rollout.tensor_parallel > 1
+    engine = make_engine(cfg, learner.model if tp_engine else learner.full_model(), tok)
+    if learner.parallel == "fsdp":
+        log("[tao-fast] FSDP2: rollout weights " + (
+            "gathered from the shards into vLLM's TP shards (no whole-weight replica)"
+            if tp_engine else f"from a whole-weight {cfg.rollout.dtype} replica per rank"))
     policy.update(engine=engine, tokenizer=tok)
     if getattr(engine, "lockstep", False):
         for where, s in (("scoring.scorer", scorer), ("eval.scorer", eval_scorer)):

@@ -425,13 +425,15 @@ run:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,parallel,sync", [(2, "ddp", "reload"), (1, "fsdp", "alias")])
+@pytest.mark.parametrize("tp,parallel,sync", [(2, "ddp", "reload"), (1, "fsdp", "alias"),
+                                           (2, "fsdp", "reload")])
 def test_vllm_rollouts_under_torchrun(tmp_path, tiny_model, tp, parallel, sync):
     """vLLM on every rank, its workers being torchrun's own processes (external launcher):
     tp=2 makes the two ranks one tensor-parallel engine (each holds half of vLLM's weights;
     they sample the same prompts in lockstep), tp=1 gives each rank a whole engine for half
     the prompts (the engines step together, so one with no prompts still takes part); under
-    FSDP2 its bf16 whole-weight replica is vLLM's own storage ("alias": one copy per rank). After step 1's update (lr 1e-2) the new weights must be in vLLM: step 2's
+    FSDP2 its bf16 whole-weight replica is vLLM's own storage ("alias": one copy per rank),
+    and with tp=2 there is no replica: the TP shards load from the gathered FSDP shards. After step 1's update (lr 1e-2) the new weights must be in vLLM: step 2's
     sampler log-probs agree with the learner's to 2e-3 with the sync (0.29 when it was left
     out, tried by hand), and the held-out eval after the run goes through the same engine."""
     pytest.importorskip("vllm")
@@ -445,6 +447,8 @@ def test_vllm_rollouts_under_torchrun(tmp_path, tiny_model, tp, parallel, sync):
                  "run.output_dir=run"], tmp_path, 2)
     out = p.communicate(timeout=600)[0]
     assert p.returncode == 0, out[-3000:]
+    if parallel == "fsdp":  # a TP engine loads from the FSDP shards: no whole-weight replica
+        assert ("no whole-weight replica" if tp > 1 else "bfloat16 replica per rank") in out
     lines = _metrics(tmp_path / "run")
     assert [m["step"] for m in lines] == [1, 2]
     for m in lines:

@@ -79,12 +79,13 @@ class Learner:
         if dist_.world_size() > 1:
             self.parallel = dist_.choose_parallel(cfg.parallel, model, cfg.micro_batch_tokens)
             if self.parallel == "fsdp":
-                # the rollout engine needs whole weights: a replica in the rollout dtype
-                # (`replica_dtype`), which a colocated vLLM of that dtype takes over as its
-                # own weights (one bf16 copy per rank, as tao_fast/rl/memory.py plans)
-                self._replica = copy.deepcopy(model).to(
-                    replica_dtype or model.embed_tokens.weight.dtype).requires_grad_(False)
                 dist_.fully_shard_model(model)
+        # FSDP: whole weights for a rollout engine that needs them, made by full_model() on
+        # first use, in the rollout dtype (a colocated vLLM of that dtype takes it over as its
+        # own weights: one bf16 copy per rank, as tao_fast/rl/memory.py plans); a vLLM TP
+        # engine loads from the shards and never asks for one
+        self._replica: Transformer | None = None
+        self._replica_dtype = replica_dtype or model.embed_tokens.weight.dtype
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                      weight_decay=cfg.weight_decay, eps=1e-8)
         # linear warm-up to rl.lr over rl.warmup_steps, then constant
@@ -129,6 +130,12 @@ class Learner:
         FSDP the replica (rollout dtype) refreshed from the shards (a collective)."""
         if self.parallel != "fsdp":
             return self.model
+        if self._replica is None:
+            with torch.device("meta"):
+                rep = Transformer(self.model.args)
+            rep = rep.to_empty(device=dist_.device()).to(self._replica_dtype)  # values below
+            rep.ops_backend = self.model.ops_backend
+            self._replica = rep.requires_grad_(False)
         params = dict(self._replica.named_parameters())
         with torch.no_grad():
             for name, t in dist_.full_named_parameters(self.model):

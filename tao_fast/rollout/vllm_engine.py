@@ -315,7 +315,10 @@ class VllmEngine:
         self._runner = getattr(worker, "worker", worker).model_runner
         self._vmodel = self._runner.model
         self._bind()
-        self.load_weights(learner.named_parameters())  # resumed / non-disk weights go in now
+        # resumed / non-disk weights go in now; a sharded (FSDP) learner, which only a TP
+        # engine gets (reload sync), is gathered one tensor at a time (every rank is here)
+        self.load_weights(dist_.full_named_parameters(learner) if dist_.is_sharded(learner)
+                          else learner.named_parameters())
 
     # ----------------------------------------------------------------- checks
     def _check_architecture(self, model_dir: Path, vllm) -> None:
