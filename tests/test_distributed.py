@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 from safetensors.torch import load_file
 
 from tao_fast.config import RLConfig
@@ -305,7 +306,7 @@ def torchrun_runs(tmp_path_factory, embedded, tiny_model):
              "data.eval=heldout.jsonl", "eval.max_tokens=6"]
     tiny = [f"model.path={tiny_model}"]
     runs = (("one", 1, small, None), ("two", 2, small, None),
-            ("tiny-one", 1, tiny, None),
+            ("tiny-one", 1, [*tiny, "run.keep_states=0"], None),
             ("killed", 2, [*tiny, "rl.parallel=fsdp"], {"TAO_FAST_KILL_AT": "2@1"}))
     procs = {name: _launch(["--config", "c.yaml", f"run.output_dir={name}", *extra], d, n, env)
              for name, n, extra, env in runs}
@@ -397,31 +398,17 @@ def test_two_ranks_give_the_one_rank_curve(torchrun_runs, embedded):
     assert (d / "two" / "summary.json").exists() and not list((d / "two").glob(".write-test*"))
 
 
-VLLM_CONFIG = """model:
-  ops_backend: torch
-data:
-  train: prompts.jsonl
-scoring:
-  scorer: random
-rollout:
-  engine: vllm
-  n: 2
-  max_tokens: 4
-  dtype: bfloat16
-  kv_cache_gb: 0.0625
-  max_model_len: 128
-rl:
-  prompts_per_step: 4
-  lr: 1.0e-2
-eval:
-  before: false
-  after: true
-run:
-  steps: 2
-  progress: false
-  threads: 1
-  keep_states: 0
-"""
+def _vllm_config(**scoring) -> str:
+    """CONFIG with vLLM rollouts (bf16, a small KV cache), 4 prompts a step at lr 1e-2, 2 steps,
+    a held-out eval after, no training states."""
+    cfg = yaml.safe_load(CONFIG)
+    cfg["rollout"] = {"engine": "vllm", "n": 2, "max_tokens": 4, "dtype": "bfloat16",
+                      "kv_cache_gb": 0.0625, "max_model_len": 128}
+    cfg["rl"].update(prompts_per_step=4, lr=1e-2)
+    cfg["eval"]["after"] = True
+    cfg["run"].update(steps=2, keep_states=0)
+    cfg["scoring"].update(scoring)
+    return yaml.safe_dump(cfg)
 
 
 @pytest.mark.slow
@@ -441,7 +428,7 @@ def test_vllm_rollouts_under_torchrun(tmp_path, tiny_model, tp, parallel, sync):
         json.dumps({"prompt": f"Say something about {w}."}) + "\n"
         for w in ["cats", "rain", "tea", "jazz"]))
     (tmp_path / "heldout.jsonl").write_text(json.dumps({"prompt": "Hi?"}) + "\n")
-    (tmp_path / "c.yaml").write_text(VLLM_CONFIG)
+    (tmp_path / "c.yaml").write_text(_vllm_config())
     p = _launch(["--config", "c.yaml", f"model.path={tiny_model}", "data.eval=heldout.jsonl",
                  f"rollout.tensor_parallel={tp}", f"rl.parallel={parallel}",
                  "run.output_dir=run"], tmp_path, 2)
@@ -458,8 +445,8 @@ def test_vllm_rollouts_under_torchrun(tmp_path, tiny_model, tp, parallel, sync):
     assert (tmp_path / "run" / "eval_after.json").exists()  # 1 prompt: one engine gets none
     assert (tmp_path / "run" / "checkpoint-round1" / "model.safetensors").exists()
     if tp == 1:  # two data-parallel engines cannot share a judge on the policy
-        (tmp_path / "j.yaml").write_text(VLLM_CONFIG.replace(
-            "  scorer: random", "  scorer: {type: judge, model: policy}"))
+        (tmp_path / "j.yaml").write_text(_vllm_config(scorer={"type": "judge",
+                                                               "model": "policy"}))
         p = _launch(["--config", "j.yaml", f"model.path={tiny_model}", "run.output_dir=j"],
                     tmp_path, 2)
         out = p.communicate(timeout=600)[0]
@@ -491,7 +478,7 @@ def test_two_nodes_by_rendezvous_give_the_one_rank_curve(torchrun_runs, tiny_mod
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
          "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=tao-test",
          "-m", "tao_fast.cli", "tune", "--config", "c.yaml", f"model.path={tiny_model}",
-         "run.output_dir=nodes"],
+         "run.output_dir=nodes", "run.keep_states=0"],
         cwd=d, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     for p in nodes:
         out = p.communicate(timeout=600)[0]
