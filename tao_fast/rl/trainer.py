@@ -122,7 +122,11 @@ class Learner:
             return None
         with torch.device("meta"):
             out = Transformer(self.model.args)
-        out.load_state_dict(whole, strict=False, assign=True)
+        missing, unexpected = out.load_state_dict(whole, strict=False, assign=True)
+        missing = [m for m in missing if m != "inv_freq"]  # a buffer, not in the shards
+        if missing or unexpected:
+            raise RuntimeError(f"gathered FSDP weights: missing {missing[:4]}, "
+                               f"unexpected {unexpected[:4]}")
         return out
 
     def full_model(self) -> Transformer:
