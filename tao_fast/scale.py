@@ -93,8 +93,6 @@ CONTROLS = ("random", "best-of-n")
 def scale(cfg: TaoConfig, ns=(2, 4, 8, 16), out_dir="runs/scale", controls=CONTROLS) -> dict:
     """Tune at every N in `ns` (plus the controls: "random", "best-of-n") and write
     OUT/scale.{json,md,png}."""
-    if controls is True or controls is False:
-        controls = CONTROLS if controls else ()
     unknown = set(controls) - set(CONTROLS)
     if unknown:
         raise ConfigError(f"--controls: unknown {sorted(unknown)} (known: {list(CONTROLS)})")

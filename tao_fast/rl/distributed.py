@@ -135,14 +135,6 @@ def all_gather_object(obj: Any, what: str = "all_gather") -> list:
     return out
 
 
-def broadcast_object(obj: Any, src: int = 0, what: str = "broadcast") -> Any:
-    if not active():
-        return obj
-    box = [obj]
-    _call(what, dist.broadcast_object_list, box, src)
-    return box[0]
-
-
 def all_reduce_(t: torch.Tensor, op: str = "sum", what: str = "all_reduce") -> torch.Tensor:
     """In place; op: sum | max | min."""
     if active():
@@ -198,21 +190,6 @@ def balance_tokens(lengths: Sequence[int], world: int) -> list[list[int]]:
     return [sorted(x) for x in out]
 
 
-def reduce_stats(stats: dict, sums: Sequence[str] = (), maxes: Sequence[str] = (),
-                 what: str = "metrics reduce") -> dict:
-    """Sum `sums` and take the max of `maxes` over ranks (one collective for each kind)."""
-    if not active():
-        return stats
-    out = dict(stats)
-    for keys, op in ((list(sums), "sum"), (list(maxes), "max")):
-        if keys:
-            t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64,
-                             device=device())
-            all_reduce_(t, op, what)
-            out.update(zip(keys, t.tolist()))
-    return out
-
-
 def generate_and_score(engine, scorer, prompts: Sequence[list[int]], records: Sequence,
                        sampling, progress: bool = False):
     """One step's rollouts and rewards for all `prompts`, the work split over ranks.
@@ -242,8 +219,7 @@ def generate_and_score(engine, scorer, prompts: Sequence[list[int]], records: Se
                              dataclasses.replace(sampling, prompt_index=base + lo),
                              progress=progress)
     else:  # fewer prompts than ranks: this rank has none this step
-        ro = Rollouts([], [], [], [], [], stats={"tokens": 0, "seconds": 0.0,
-                                                 "tokens_per_s": 0.0})
+        ro = Rollouts.empty()
     t1 = time.perf_counter()
     sc = scorer.score(list(records[lo:hi]), ro.texts) if hi > lo else ScoreResult([], [])
     if not active():

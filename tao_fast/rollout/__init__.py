@@ -45,6 +45,11 @@ class Rollouts:
     def num_tokens(self) -> int:
         return sum(len(t) for group in self.token_ids for t in group)
 
+    @classmethod
+    def empty(cls) -> "Rollouts":
+        """No prompts, nothing generated (a rank or engine with no share of a step)."""
+        return cls([], [], [], [], [], stats={"tokens": 0, "seconds": 0.0, "tokens_per_s": 0.0})
+
 
 def check_prompts(prompts) -> None:
     """What every engine's generate() requires of its prompts (token id lists)."""

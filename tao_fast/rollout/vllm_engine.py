@@ -506,8 +506,7 @@ class VllmEngine:
         if not prompts:  # a data-parallel engine still takes its part in the others' steps
             if self.lockstep:
                 self.llm.generate([], use_tqdm=False)
-            return Rollouts([], [], [], [], [], stats={"tokens": 0, "seconds": 0.0,
-                                                       "tokens_per_s": 0.0})
+            return Rollouts.empty()
         check_prompts(prompts)
         from vllm import SamplingParams as VSP
 
