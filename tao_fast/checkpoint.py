@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tao_fast.fileio import atomic_write_text  # noqa: F401 - re-exported for callers
 from tao_fast.models.loader import hf_state_dict
 
 

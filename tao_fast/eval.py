@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tao_fast.data.prompts import PromptRecord, encode_prompt
+from tao_fast.fileio import atomic_write_text
 from tao_fast.rollout import SamplingParams
 
 
@@ -44,8 +45,6 @@ class EvalResult:
                 f"{self.mean_response_tokens:.1f} tokens/response")
 
     def save(self, path) -> None:
-        from tao_fast.checkpoint import atomic_write_text
-
         atomic_write_text(path, json.dumps(asdict(self), indent=1))
 
     @classmethod

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from tao_fast.fileio import atomic_write_text
+
 PHASES = (("gen_seconds", "generation"), ("score_seconds", "scoring"),
           ("train_seconds", "training"), ("sync_seconds", "weight sync"))
 
@@ -260,8 +262,6 @@ def render(run: dict, plots: dict[str, bool]) -> str:
 
 def report(run_dir) -> Path:
     """Write RUN_DIR/report.md and RUN_DIR/report/*.png; returns the markdown path."""
-    from tao_fast.checkpoint import atomic_write_text
-
     run = read_run(run_dir)
     out = run["dir"] / "report"
     out.mkdir(exist_ok=True)

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from tao_fast.config import ConfigError, TaoConfig
+from tao_fast.fileio import atomic_write_text
 
 
 def _acc(e: dict | None) -> dict | None:
@@ -54,7 +55,6 @@ def best_of_n(cfg: TaoConfig, ns: list[int], out: Path) -> dict:
     path = out / "best_of_n.json"
     if path.exists():
         return json.loads(path.read_text())
-    from tao_fast.checkpoint import atomic_write_text
     from tao_fast.data.prompts import encode_prompt
     from tao_fast.eval import wilson_interval
     from tao_fast.models import load_model
@@ -139,8 +139,6 @@ def scale(cfg: TaoConfig, ns=(2, 4, 8, 16), out_dir="runs/scale", controls=CONTR
                             "flops": tuning_flops(d, n_params)}
     if "best-of-n" in controls:
         result["best_of_n"] = best_of_n(cfg, ns, out)
-    from tao_fast.checkpoint import atomic_write_text
-
     atomic_write_text(out / "scale.json", json.dumps(result, indent=1))
     plot_scaling(result, out / "scaling.png")
     atomic_write_text(out / "scale.md", render_scale(result))

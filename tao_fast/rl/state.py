@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tao_fast.checkpoint import atomic_write_text
 from tao_fast.config import ResumeError
+from tao_fast.fileio import atomic_write_text
 
 
 def _optimizer_split(opt: torch.optim.Optimizer, sd: dict | None = None) -> tuple[dict, dict]:
@@ -113,9 +113,9 @@ def load_state(path: Path, model, opt, sched) -> dict:
                           f"({len(weights)} saved, {len(params)} in the model)")
     opt_state = _optimizer_join(load_file(str(path / "optimizer.safetensors")),
                                 state["optimizer"])
-    if any(type(p).__name__ == "DTensor" for p in params.values()):  # FSDP2 shards
-        from tao_fast.rl.distributed import load_full_state
+    from tao_fast.rl.distributed import is_sharded, load_full_state
 
+    if is_sharded(model):  # FSDP2 shards
         load_full_state(model, opt, weights, opt_state)
     else:
         with torch.no_grad():
