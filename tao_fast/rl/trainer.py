@@ -137,7 +137,9 @@ class Learner:
         if self._replica is None:
             with torch.device("meta"):
                 rep = Transformer(self.model.args)
-            rep = rep.to_empty(device=dist_.device()).to(self._replica_dtype)  # values below
+            # cast while on meta, so only the rollout-dtype tensors are ever allocated (the
+            # rotary frequencies stay fp32); the values are gathered below
+            rep = rep.to(self._replica_dtype).to_empty(device=dist_.device())
             rep.ops_backend = self.model.ops_backend
             self._replica = rep.requires_grad_(False)
         params = dict(self._replica.named_parameters())
