@@ -86,7 +86,8 @@ def one_mode(a) -> dict:
     from tao_fast.models import load_model
     from tao_fast.rl.trainer import Learner, samples_from_rollouts
     from tao_fast.rollout import SamplingParams
-    from tao_fast.rollout.vllm_engine import PeakMemory, VllmEngine, _hf_named
+    from tao_fast.profiling.memory import PeakMemory
+    from tao_fast.rollout.vllm_engine import VllmEngine, _hf_named
 
     cuda = torch.cuda.is_available() and not a.dry_run
     dev = "cuda" if cuda else "cpu"

@@ -1,11 +1,14 @@
-"""Atomic file writes (temp file beside the destination, fsync, rename): a crash leaves the old
-file or the new one, never half of one. No torch import, so data tools can use it cheaply."""
+"""Atomic writes of files and directories (built under a temporary name beside the
+destination, then renamed into place): a crash leaves the old one or the new one, never half of
+one. No torch import, so data tools can use it cheaply."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 
 def atomic_write_chunks(path, chunks: Iterable[str], mode: int | None = None) -> None:
@@ -34,3 +37,31 @@ def atomic_write_text(path, text: str) -> None:
 def atomic_write_lines(path, lines: Iterable[str], mode: int | None = None) -> None:
     """Each line followed by a newline."""
     atomic_write_chunks(path, (line + "\n" for line in lines), mode)
+
+
+@contextmanager
+def atomic_dir(dest, *, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `dest`; when the block ends without an exception it
+    becomes `dest` (by rename), and on an exception it is removed and `dest` is untouched.
+
+    An existing `dest` is replaced: it stays in place until the new one is complete, is moved
+    aside, and goes once the new one is in. keep_existing=True keeps it instead and drops the
+    new one (a cache that another process filled first)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        if not dest.exists():
+            os.replace(tmp, dest)
+        elif keep_existing:
+            shutil.rmtree(tmp)
+        else:
+            old = dest.with_name(dest.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -31,17 +31,15 @@ from tao_fast.config import ConfigError, ResumeError, TaoConfig, load_config, sa
 from tao_fast.data import arithmetic_split, read_jsonl
 from tao_fast.data.rounds import discover, plan_round, pool_from_manifest, read_manifest
 from tao_fast.data.prompts import encode_prompt
+from tao_fast.dtypes import torch_dtype
 from tao_fast.eval import EvalResult, evaluate
+from tao_fast.profiling.memory import PeakMemory
 from tao_fast.rl import distributed as dist_
 from tao_fast.rl.advantages import group_advantages
 from tao_fast.rl.state import estimate_bytes, latest_state, load_state, save_state
 from tao_fast.rl.trainer import Learner, samples_from_rollouts
 from tao_fast.rollout import SamplingParams
-from tao_fast.rollout.vllm_engine import PeakMemory
 from tao_fast.scoring import ScorerContext, build_scorer
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 @dataclass
 class TuneResult:
@@ -105,8 +103,8 @@ def make_engine(cfg: TaoConfig, model, tokenizer):
                           f"the torch engine has no tensor parallelism (rollout.engine="
                           f"{ro.engine}{'' if ro.engine == 'torch' else ': ' + why})")
     sampler = model
-    if _DTYPES[cfg.rollout.dtype] != model.embed_tokens.weight.dtype:
-        sampler = copy.deepcopy(model).to(_DTYPES[cfg.rollout.dtype]).requires_grad_(False)
+    if torch_dtype(cfg.rollout.dtype) != model.embed_tokens.weight.dtype:
+        sampler = copy.deepcopy(model).to(torch_dtype(cfg.rollout.dtype)).requires_grad_(False)
     return TorchEngine(sampler, tokenizer, max_batch_rows=cfg.rollout.max_batch_rows)
 
 
@@ -227,10 +225,10 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
     builtin = train if cfg.data.train.startswith("builtin:") else None
     from tao_fast.models import load_model
 
-    model, tok, model_dir = load_model(cfg.model.path, dtype=_DTYPES[cfg.model.dtype])
+    model, tok, model_dir = load_model(cfg.model.path, dtype=torch_dtype(cfg.model.dtype))
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     learner = Learner(model, cfg.rl, cfg.rollout.temperature, cfg.model.ops_backend,
-                      progress=cfg.run.progress, replica_dtype=_DTYPES[cfg.rollout.dtype])
+                      progress=cfg.run.progress, replica_dtype=torch_dtype(cfg.rollout.dtype))
     rng = random.Random(cfg.run.seed)
     result = TuneResult(run_dir=run_dir, checkpoint=None)
     metrics_path, manifest = run_dir / "metrics.jsonl", read_manifest(run_dir)
@@ -312,7 +310,8 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
                           f"{last or 'none'}") from None
 
     kill_at = _kill_at()
-    ckpt_dtype = _DTYPES.get(cfg.run.checkpoint_dtype)  # None: "auto", the learner's own
+    ckpt_dtype = (None if cfg.run.checkpoint_dtype == "auto"  # the learner's own
+                  else torch_dtype(cfg.run.checkpoint_dtype))
     while rnd <= cfg.run.rounds:
         if pool is None:  # a new round: the prompts that arrived since, plus a replayed share
             plan = plan_round(rnd, cfg.data.train, manifest, cfg.data.replay_frac,

@@ -1,8 +1,22 @@
+"""Shared fixtures, and the one place the suite chooses how Triton runs.
+
+The kernels run in the Triton interpreter (TRITON_INTERPRET=1) on the CPU: set here, before
+anything imports triton, for the whole session, so the backend a test gets does not depend on
+which modules were collected first. With it, ops backend "auto" picks the (slow) interpreter for
+CPU tensors: fixtures and tests that want speed pin "torch"; tests that compile for a GPU run
+a subprocess without it.
+"""
 import dataclasses
 import json
+import os
 
-import pytest
-import torch
+os.environ.setdefault("TRITON_INTERPRET", "1")
+# The interpreter's tl.dot is numpy matmul: a 2-thread OpenBLAS on a loaded 2-core machine
+# spin-waits and runs ~300x slower (measured 18 ms vs 0.06 ms for a 64x64x512 product).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 try:  # the Triton interpreter's tl.dot runs on numpy's BLAS; a spinning 2-thread BLAS on a
     # loaded 2-core machine made a small matmul 300x slower (18 ms vs 0.06 ms): use one thread
@@ -21,8 +35,8 @@ def embedded():
 
     torch.manual_seed(0)
     model, tok, path = load_model("embedded:smollm2-135m-instruct")
-    # Kernel test modules set TRITON_INTERPRET=1 for the whole session, which makes "auto"
-    # pick the (slow) interpreter; tests that want Triton on this model ask for it.
+    # TRITON_INTERPRET=1 (above) makes "auto" pick the slow interpreter; tests that want
+    # Triton on this model ask for it.
     model.ops_backend = "torch"
     return model, tok, path
 

