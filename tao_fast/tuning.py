@@ -265,7 +265,7 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
             "gathered from the shards into vLLM's TP shards (no whole-weight replica)"
             if tp_engine else f"from a whole-weight {cfg.rollout.dtype} replica per rank"))
     policy.update(engine=engine, tokenizer=tok)
-    if getattr(engine, "lockstep", False):
+    if engine.lockstep:
         for where, s in (("scoring.scorer", scorer), ("eval.scorer", eval_scorer)):
             if _judges_with_policy(s):
                 raise ConfigError(
@@ -373,15 +373,13 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
                     try:
                         m.update(learner.step(samples))
                         t3 = time.perf_counter()
-                        if engine.model is not model:
-                            engine.load_weights(learner.named_full_parameters())
+                        engine.load_weights(learner.named_full_parameters())
                         t4 = time.perf_counter()
                     finally:
                         engine.wake()
                     t5 = time.perf_counter()
                 m.update(sleep_seconds=t2 - t1, sync_seconds=t4 - t3, wake_seconds=t5 - t4,
-                         sync_path=getattr(engine, "sync_path",
-                                           "same-tensors" if engine.model is model else "copy"),
+                         sync_path=engine.sync_path,
                          peak_memory_mb=max(peak.peak_mb,
                                             rollouts.stats.get("peak_memory_mb", 0.0)))
             else:
@@ -414,7 +412,7 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
     result.wall_seconds = time.perf_counter() - t_start
     if dist_.is_main():
         write_summary(result, cfg)
-    if dist_.active() and hasattr(engine, "close"):
+    if dist_.active():
         # vLLM's TP/DP groups are made of torchrun's ranks: release them together, before the
         # process group goes (left to exit, vLLM's cleanup fails on the destroyed groups)
         dist_.barrier("end of run")

@@ -210,11 +210,11 @@ def generate_and_score(engine, scorer, prompts: Sequence[list[int]], records: Se
 
     # vLLM tensor parallel over torchrun ranks: the ranks of one TP group are one engine, so
     # they take the same slice (in lockstep) and only the group's first rank's results count
-    tp = getattr(engine, "tensor_parallel", 1)
+    tp = engine.tensor_parallel
     lo, hi = shard_range(len(prompts), world_size() // tp, rank() // tp)
     t0 = time.perf_counter()
     base = sampling.prompt_index or 0
-    if hi > lo or getattr(engine, "lockstep", False):  # vLLM DP engines step together
+    if hi > lo or engine.lockstep:  # vLLM DP engines step together
         ro = engine.generate(list(prompts[lo:hi]),
                              dataclasses.replace(sampling, prompt_index=base + lo),
                              progress=progress)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 
@@ -69,11 +69,35 @@ def stop_token_ids(model_args, tokenizer) -> list[int]:
 
 
 class Engine(Protocol):
+    """What the recipe, the evaluation and the judge need of a rollout engine. Engines subclass
+    it, so the attributes below have these defaults and no caller probes for them."""
+
+    name: str
+    tokenizer: Any
+    # the torch module the engine samples with (the learner's own, or a copy it keeps); None
+    # when the engine has its own (vLLM)
+    model: Any = None
+    # data-parallel engines that step together (vLLM DP): every rank calls generate() the same
+    # number of times, with no prompts when it has none
+    lockstep: bool = False
+    tensor_parallel: int = 1  # ranks that make one engine (vLLM TP); they get the same prompts
+    # how the last load_weights() reached the engine: same-tensors (nothing to move) | copy |
+    # alias | cast | reload (see each engine)
+    sync_path: str = "same-tensors"
+
     def generate(self, prompts: Sequence[list[int]], sampling: SamplingParams,
                  progress: bool = False) -> Rollouts: ...
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Bring the learner's weights (its fused names) in, in place; tensors the engine
+        already shares (same storage) cost nothing."""
+        ...
 
-    def sleep(self) -> None: ...
+    def sleep(self) -> None:
+        """Free what generation holds between steps (vLLM: the KV cache)."""
 
-    def wake(self) -> None: ...
+    def wake(self) -> None:
+        """Take back what sleep() freed."""
+
+    def close(self) -> None:
+        """Release the engine's resources (vLLM's engine core)."""

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tao_fast.models.llama import KVCache, Transformer
-from tao_fast.rollout import Rollouts, SamplingParams, check_prompts, stop_token_ids
+from tao_fast.rollout import Engine, Rollouts, SamplingParams, check_prompts, stop_token_ids
 
 
 def sample_tokens(logits, temperature: float, top_p: float, generator=None):
@@ -38,8 +38,10 @@ def chunk_seed(seed: int, first_prompt: int) -> int:
     return (seed * 1_000_003 + 7_919 * (first_prompt + 1)) % (1 << 63)
 
 
-class TorchEngine:
-    """Generates with the learner's own model object: weights are shared, a sync costs nothing."""
+class TorchEngine(Engine):
+    """Generates with a torch model: the learner's own object (weights shared, a sync costs
+    nothing: sync_path "same-tensors"), or a copy in the rollout dtype that each sync casts
+    into in place ("copy")."""
 
     name = "torch"
 
@@ -133,16 +135,15 @@ class TorchEngine:
         return toks, lps, reasons
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy weights (this model's fused names) in place."""
+        """Copy weights (this model's fused names) in place; a parameter that is the given
+        tensor (the learner's own model) is left alone."""
         params = dict(self.model.named_parameters())
+        copied = 0
         with torch.no_grad():
             for name, t in named_tensors:
                 if name not in params:
                     raise KeyError(f"load_weights: unknown parameter {name!r}")
-                params[name].copy_(t)
-
-    def sleep(self) -> None:
-        """Nothing to free: the KV cache lives only inside generate()."""
-
-    def wake(self) -> None:
-        pass
+                if params[name].data_ptr() != t.data_ptr():
+                    params[name].copy_(t)
+                    copied += 1
+        self.sync_path = "copy" if copied else "same-tensors"

@@ -50,7 +50,7 @@ import torch
 
 from tao_fast.dtypes import torch_dtype
 from tao_fast.profiling.memory import PeakMemory
-from tao_fast.rollout import Rollouts, SamplingParams, check_prompts, stop_token_ids
+from tao_fast.rollout import Engine, Rollouts, SamplingParams, check_prompts, stop_token_ids
 
 SUPPORTED_RANGE = ">=0.32,<0.33"  # the vLLM versions this engine is written and tested for
 _MIN, _MAX = (0, 32), (0, 33)
@@ -167,11 +167,10 @@ def _hf_named(named_tensors, args, dtype):
 
 
 # --------------------------------------------------------------------------- the engine
-class VllmEngine:
+class VllmEngine(Engine):
     """Rollouts from vLLM, colocated with `learner` (a tao_fast Transformer) in this process."""
 
     name = "vllm"
-    model = None  # no torch module of its own for callers that look (tuning's eval)
 
     def __init__(self, model_dir, learner, tokenizer, *, dtype: str = "bfloat16",
                  gpu_memory_utilization: float = 0.5, kv_cache_gb: float = 0.0,

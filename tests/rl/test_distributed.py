@@ -22,6 +22,7 @@ from tao_fast.models.llama import Transformer
 from tao_fast.rl import distributed
 from tao_fast.rl.state import latest_state, load_state, save_state
 from tao_fast.rl.trainer import Learner, Sample
+from tao_fast.rollout import Engine
 
 
 def test_shard_range_covers_every_item_once():
@@ -191,7 +192,7 @@ def test_a_dead_peer_fails_the_next_collective_fast(tmp_path):
     assert "tao-fast tune --resume /runs/x" in got["msg"]
 
 
-class _EchoEngine:  # samples "p<i>c<j>"; records what it was asked
+class _EchoEngine(Engine):  # samples "p<i>c<j>"; records what it was asked
     def generate(self, prompts, sampling, progress=False):
         from tao_fast.rollout import Rollouts
 
