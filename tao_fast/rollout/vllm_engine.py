@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 
 from tao_fast.dtypes import torch_dtype
+from tao_fast.models.weights import hf_name, to_hf
 from tao_fast.profiling.memory import PeakMemory
 from tao_fast.rollout import Engine, Rollouts, SamplingParams, check_prompts, stop_token_ids
 
@@ -142,28 +143,9 @@ def import_vllm():
 
 
 # --------------------------------------------------------------------------- name mapping
-def _vllm_name(name: str) -> str:
-    """The learner's fused name -> vLLM's parameter name (Llama/Qwen2 classes)."""
-    return name if name.startswith("lm_head.") else "model." + name
-
-
 def _hf_named(named_tensors, args, dtype):
     """The learner's fused tensors -> HF checkpoint names (views; cast to vLLM's dtype)."""
-    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-    for name, t in named_tensors:
-        t = t.detach()
-        parts = name.split(".")
-        if ".qkv_proj." in name:
-            pre, kind = "model." + ".".join(parts[:3]), parts[-1]
-            for n, piece in zip("qkv", t.split([q, kv, kv])):
-                yield f"{pre}.{n}_proj.{kind}", piece.to(dtype)
-        elif ".gate_up_proj." in name:
-            pre = "model." + ".".join(parts[:3])
-            gate, up = t.chunk(2)
-            yield f"{pre}.gate_proj.weight", gate.to(dtype)
-            yield f"{pre}.up_proj.weight", up.to(dtype)
-        else:
-            yield _vllm_name(name), t.to(dtype)
+    return ((n, t.detach().to(dtype)) for n, t in to_hf(named_tensors, args))
 
 
 # --------------------------------------------------------------------------- the engine
@@ -313,7 +295,7 @@ class VllmEngine(Engine):
         """Map each learner parameter to its vLLM tensor; set up the chosen sync path."""
         vparams = dict(self._vmodel.named_parameters())
         learner = dict(self.learner.named_parameters())
-        missing = [n for n in learner if _vllm_name(n) not in vparams]
+        missing = [n for n in learner if hf_name(n) not in vparams]
         if missing:
             raise RuntimeError(f"vLLM's {type(self._vmodel).__name__} has no parameter for "
                                f"{missing[:4]} (expected the fused Llama/Qwen2 layout)")
@@ -327,7 +309,7 @@ class VllmEngine(Engine):
         aliased = 0
         with torch.no_grad():
             for n, p in learner.items():
-                dst = vparams[_vllm_name(n)].data
+                dst = vparams[hf_name(n)].data
                 if dst.shape[0] != p.shape[0] and dst.shape[1:] == p.shape[1:] \
                         and dst.shape[0] > p.shape[0]:
                     dst = dst[:p.shape[0]]  # vocab padded by vLLM
@@ -351,7 +333,7 @@ class VllmEngine(Engine):
         import torch.nn.functional as F
 
         embed = "model.embed_tokens.weight"
-        by_vllm = {_vllm_name(n): p for n, p in learner.items()}
+        by_vllm = {hf_name(n): p for n, p in learner.items()}
         for name, mod in self._vmodel.named_modules():
             if not hasattr(mod, "cpu_linear") or not isinstance(getattr(mod, "weight", None),
                                                                  torch.Tensor):
