@@ -2,7 +2,9 @@
 
     import tao_fast
     result = tao_fast.tune("tune.yaml")           # or a TaoConfig
-    ev = tao_fast.evaluate(result.checkpoint, prompts, "arithmetic", max_tokens=64)
+    ev = tao_fast.evaluate(result.checkpoint, prompts, "arithmetic")   # greedy, eval.max_tokens
+    cfg = tao_fast.load_config("tune.yaml", ["eval.samples=4"])          # the run's settings
+    ev = tao_fast.evaluate(result.checkpoint, prompts, "arithmetic", cfg, sampled=True)
 """
 __version__ = "0.1.0"
 __all__ = ["tune", "evaluate", "load_config", "TaoConfig", "__version__"]

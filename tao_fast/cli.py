@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
-from tao_fast.config import ConfigError, DataConfig, ResumeError
+from tao_fast.config import ConfigError, ResumeError, TaoConfig
 
 # The demo's settings for 2 CPU cores and a 15-minute budget (see README for the measured run).
 DEMO = {
@@ -108,18 +109,41 @@ def _spec(text: str):
     return text
 
 
+# tao-fast eval's flags -> the config keys they set (a flag left out keeps the config's value)
+EVAL_FLAGS = {"model": "model.path", "max_tokens": "eval.max_tokens",
+              "temperature": "rollout.temperature", "samples": "eval.samples",
+              "strategy": "rollout.strategy", "seed": "run.seed"}
+
+
+def eval_config(args):
+    """The TaoConfig an eval runs under: defaults <- --config FILE <- key=value overrides <-
+    the flags given; and whether it samples (--temperature > 0) or answers greedily."""
+    from tao_fast.config import load_config
+
+    flags = {key: vars(args)[name] for name, key in EVAL_FLAGS.items()
+             if vars(args)[name] is not None}
+    cfg = load_config(args.config, args.overrides, values=flags)
+    sampled = bool(args.temperature)
+    if (args.samples or 1) > 1 and not sampled:
+        raise ConfigError("eval: --samples N needs --temperature > 0 (greedy answers are all "
+                          "equal)")
+    return cfg, sampled
+
+
 def cmd_eval(args) -> int:
-    from tao_fast.data import arithmetic_split, read_jsonl
+    from tao_fast.data import read_jsonl
+    from tao_fast.data.sources import load_prompts
     from tao_fast.eval import evaluate
 
-    if args.prompts == "builtin:arithmetic":
-        _, prompts = arithmetic_split(args.n_train_exclude, args.n, args.seed)
+    cfg, sampled = eval_config(args)
+    if args.prompts.startswith("builtin:"):
+        data = dataclasses.replace(cfg.data, train=args.prompts, n_train=args.n_train_exclude,
+                                   n_eval=args.n, eval="")
+        _, prompts = load_prompts(data, cfg.run.seed)
     else:
         prompts = read_jsonl(args.prompts)[:args.n]
-    res = evaluate(args.model, prompts, _spec(args.scorer), max_tokens=args.max_tokens,
-                   temperature=args.temperature, samples=args.samples,
-                   select=_spec(args.select) if args.select else None,
-                   strategy=args.strategy, progress=True)
+    res = evaluate(cfg.model.path, prompts, _spec(args.scorer), cfg, sampled=sampled,
+                   select=_spec(args.select) if args.select else None, progress=True)
     print(res.summary())
     if args.out:
         res.save(args.out)
@@ -212,28 +236,38 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help=_overrides_help())
     t.set_defaults(func=cmd_tune)
 
+    dflt = TaoConfig()
     e = sub.add_parser("eval", help="score a model's answers on held-out prompts",
                        description="Answer each prompt once (greedy by default), score the "
-                       "answers and print accuracy with a 95%% confidence interval.")
-    e.add_argument("--model", default="embedded:smollm2-135m-instruct",
-                   help="checkpoint directory (HF safetensors), .gguf file, or embedded:NAME")
+                       "answers and print accuracy with a 95%% confidence interval. Settings "
+                       "are a run's (TaoConfig): the defaults, then --config FILE and "
+                       "key=value overrides, then the flags given here.")
+    e.add_argument("--model", help=f"checkpoint directory (HF safetensors), .gguf file, or "
+                   f"embedded:NAME (model.path; default {dflt.model.path})")
     e.add_argument("--prompts", default="builtin:arithmetic",
                    help="JSONL prompt file, or builtin:arithmetic (the demo's held-out set)")
     e.add_argument("--scorer", default="arithmetic",
                    help="scorer spec, as in scoring.scorer: a name, python:module:function, "
                    "or a mapping such as '{type: consensus, extract: boxed}'")
     e.add_argument("--n", type=int, default=200, help="number of prompts (default 200)")
-    e.add_argument("--max-tokens", type=int, default=48)
-    e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    e.add_argument("--strategy", default="plain", choices=("plain", "cot", "structured"))
-    e.add_argument("--seed", type=int, default=0, help="builtin task seed (as run.seed)")
-    e.add_argument("--n-train-exclude", type=int, default=DataConfig.n_train,
+    e.add_argument("--config", help="a run's YAML/TOML config (e.g. RUN_DIR/config.yaml)")
+    e.add_argument("--max-tokens", type=int,
+                   help=f"eval.max_tokens (default {dflt.eval.max_tokens})")
+    e.add_argument("--temperature", type=float,
+                   help="rollout.temperature of sampled answers; 0 or absent = greedy")
+    e.add_argument("--strategy", choices=("plain", "cot", "structured"),
+                   help=f"rollout.strategy (default {dflt.rollout.strategy})")
+    e.add_argument("--seed", type=int, help=f"run.seed: sampling and the builtin task's split "
+                   f"(default {dflt.run.seed})")
+    e.add_argument("--n-train-exclude", type=int, default=dflt.data.n_train,
                    help="builtin task: size of the training set whose questions are excluded")
     e.add_argument("--out", help="write the full result (every response) to this JSON file")
-    e.add_argument("--samples", type=int, default=1,
-                   help="answers per prompt (needs --temperature > 0): pass@1 is their mean")
+    e.add_argument("--samples", type=int,
+                   help="eval.samples: answers per prompt (needs --temperature > 0); pass@1 "
+                   "is their mean")
     e.add_argument("--select", help="with --samples N: best-of-N, keeping the answer this "
                    "scorer (a spec, e.g. consensus) rates highest")
+    e.add_argument("overrides", nargs="*", help=_overrides_help())
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("report", help="write RUN_DIR/report.md and its plots",

@@ -312,8 +312,10 @@ def read_config_file(path) -> dict:
     return data
 
 
-def load_config(path=None, overrides=(), base: dict | None = None) -> TaoConfig:
-    """Defaults <- `base` <- file <- overrides, checked; errors name the key (and file)."""
+def load_config(path=None, overrides=(), base: dict | None = None,
+                values: dict | None = None) -> TaoConfig:
+    """Defaults <- `base` <- file <- overrides <- `values`, checked; errors name the key (and
+    file). base and values map dotted keys to values taken as they are (not parsed)."""
     data: dict = {}
     for k, v in (base or {}).items():
         _set_path(data, k, v)
@@ -326,6 +328,8 @@ def load_config(path=None, overrides=(), base: dict | None = None) -> TaoConfig:
                 _set_path(data, sec, vals)
     for item in overrides:
         k, v = parse_override(item)
+        _set_path(data, k, v)
+    for k, v in (values or {}).items():
         _set_path(data, k, v)
     try:
         return _build(TaoConfig, data, "")

@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tao_fast.config import TaoConfig
 from tao_fast.data.prompts import PromptRecord, encode_prompt
 from tao_fast.fileio import atomic_write_text
 from tao_fast.rollout import SamplingParams
@@ -57,24 +58,42 @@ def _as_records(prompts) -> list[PromptRecord]:
             PromptRecord(messages=[{"role": "user", "content": p}]) for p in prompts]
 
 
-def evaluate(model, prompts, scorer, *, tokenizer=None, engine=None, max_tokens: int = 64,
-             temperature: float = 0.0, samples: int = 1, select=None, strategy: str = "plain",
-             system_prompt: str = "", progress: bool = False, seed: int = 0) -> EvalResult:
-    """Answer every prompt and score the answers.
+def sampling_for(cfg: TaoConfig, sampled: bool) -> SamplingParams:
+    """Greedy: one answer per prompt; sampled: eval.samples answers at rollout.temperature
+    (pass@1, or best-of-N with a selector). Both answer within eval.max_tokens, seeded by
+    run.seed."""
+    if not sampled:
+        return SamplingParams(n=1, temperature=0.0, max_tokens=cfg.eval.max_tokens,
+                              seed=cfg.run.seed)
+    if cfg.rollout.temperature == 0:
+        raise ValueError("sampled evaluation needs rollout.temperature > 0 (greedy answers are "
+                         "all equal)")
+    if cfg.eval.samples < 1:
+        raise ValueError("sampled evaluation needs eval.samples >= 1")
+    return SamplingParams(n=cfg.eval.samples, temperature=cfg.rollout.temperature,
+                          max_tokens=cfg.eval.max_tokens, seed=cfg.run.seed)
+
+
+def evaluate(model, prompts, scorer, cfg: TaoConfig | None = None, *, sampled: bool = False,
+             select=None, engine=None, tokenizer=None, progress: bool = False) -> EvalResult:
+    """Answer every prompt and score the answers, as the run's config says.
 
     model: a tao_fast Transformer (with `tokenizer`), or a model spec/path for `load_model`
     (embedded name, HF safetensors dir, GGUF); prompts: PromptRecords or strings; scorer: a
-    Scorer or a spec such as "arithmetic". temperature 0 = greedy (one answer per prompt).
-    samples > 1 at temperature > 0: pass@1 is the mean over every sample; with `select` (a
-    Scorer or spec), best-of-N: the sample `select` scores highest is the one `scorer` judges
-    (inference-time compute instead of tuning, TAO's reference line).
+    Scorer or a spec such as "arithmetic"; cfg: the run's TaoConfig (default: TaoConfig()):
+    eval.max_tokens, rollout.strategy, data.system_prompt and run.seed apply, and with
+    sampled=True eval.samples answers per prompt at rollout.temperature: pass@1 is the mean over
+    every sample; with `select` (a Scorer or spec), best-of-N: the sample `select` scores
+    highest is the one `scorer` judges (inference-time compute instead of tuning, TAO's
+    reference line). Otherwise one greedy answer per prompt.
     The 95% CI is Wilson's over prompts (samples of one prompt are not independent).
     """
-    from tao_fast.rl import distributed as dist_
     from tao_fast.rollout.torch_engine import TorchEngine
     from tao_fast.scoring import build_scorer
 
     t0 = time.perf_counter()
+    cfg = cfg or TaoConfig()
+    sampling = sampling_for(cfg, sampled)
     if isinstance(model, (str, Path)):
         from tao_fast.models import load_model
 
@@ -83,8 +102,6 @@ def evaluate(model, prompts, scorer, *, tokenizer=None, engine=None, max_tokens:
         scorer = build_scorer(scorer)
     if isinstance(select, (str, dict)):
         select = build_scorer(select)
-    if temperature == 0 and samples > 1:
-        raise ValueError("samples > 1 needs temperature > 0 (greedy answers are all equal)")
     if engine is None:
         if tokenizer is None:
             raise ValueError("evaluate() needs the tokenizer that goes with the model")
@@ -93,22 +110,33 @@ def evaluate(model, prompts, scorer, *, tokenizer=None, engine=None, max_tokens:
     recs = _as_records(prompts)
     if not recs:
         raise ValueError("evaluate() needs at least one prompt")
-    ids = [encode_prompt(r, tokenizer, strategy, system_prompt) for r in recs]
-    sampling = SamplingParams(n=samples, temperature=temperature, max_tokens=max_tokens,
-                              seed=seed)
+    ids = [encode_prompt(r, tokenizer, cfg.rollout.strategy, cfg.data.system_prompt)
+           for r in recs]
+    texts, lens, res = _answer_and_score(engine, scorer, select, recs, ids, sampling, progress)
+    mode = "greedy" if not sampled else "best_of_n" if select is not None and sampling.n > 1 \
+        else "sampled"
+    return _result(recs, texts, lens, res, mode, sampling, time.perf_counter() - t0)
+
+
+def _answer_and_score(engine, scorer, select, recs, ids, sampling, progress):
+    """(texts [P][k], response lengths [P][k], scores): k = sampling.n, or 1 after best-of-N."""
+    from tao_fast.rl import distributed as dist_
+
     if select is None and dist_.active():  # under torchrun: each engine answers and scores
         # a slice, and every rank gets the whole result (as a training step's rollouts)
         ro, res, _, _ = dist_.generate_and_score(engine, scorer, ids, recs, sampling, progress)
-        texts, lens = ro.texts, [[len(t) for t in g] for g in ro.token_ids]  # [P][N]
-    else:
-        ro = engine.generate(ids, sampling, progress=progress)
-        texts, lens = ro.texts, [[len(t) for t in g] for g in ro.token_ids]  # [P][N]
-        if select is not None and samples > 1:  # best-of-N: keep the selector's favourite
-            sel = select.score(recs, texts).rewards
-            best = [max(range(len(g)), key=lambda c, g=g: g[c]) for g in sel]
-            texts = [[g[b]] for g, b in zip(texts, best)]
-            lens = [[g[b]] for g, b in zip(lens, best)]
-        res = scorer.score(recs, texts)
+        return ro.texts, [[len(t) for t in g] for g in ro.token_ids], res
+    ro = engine.generate(ids, sampling, progress=progress)
+    texts, lens = ro.texts, [[len(t) for t in g] for g in ro.token_ids]  # [P][N]
+    if select is not None and sampling.n > 1:  # best-of-N: keep the selector's favourite
+        sel = select.score(recs, texts).rewards
+        best = [max(range(len(g)), key=lambda c, g=g: g[c]) for g in sel]
+        texts = [[g[b]] for g, b in zip(texts, best)]
+        lens = [[g[b]] for g, b in zip(lens, best)]
+    return texts, lens, scorer.score(recs, texts)
+
+
+def _result(recs, texts, lens, res, mode, sampling, seconds) -> EvalResult:
     per_prompt = [sum(r) / len(r) for r in res.rewards]
     acc_pp = [sum(x >= 1.0 for x in r) / len(r) for r in res.rewards]
     accuracy = sum(acc_pp) / len(acc_pp)
@@ -118,10 +146,8 @@ def evaluate(model, prompts, scorer, *, tokenizer=None, engine=None, max_tokens:
                 **(res.details[i][0] if res.details else {})}
                for i, (r, t, s, a) in enumerate(zip(recs, texts, res.rewards, acc_pp))]
     n_resp = sum(map(len, lens))
-    mode = "greedy" if temperature == 0 else "best_of_n" if select is not None and samples > 1 \
-        else "sampled"
     return EvalResult(n=len(recs), mean_score=sum(per_prompt) / len(per_prompt),
                       accuracy=accuracy, ci_low=lo, ci_high=hi,
                       mean_response_tokens=sum(map(sum, lens)) / n_resp,
-                      seconds=time.perf_counter() - t0, records=records, mode=mode,
-                      samples=samples, temperature=temperature)
+                      seconds=seconds, records=records, mode=mode,
+                      samples=sampling.n, temperature=sampling.temperature)

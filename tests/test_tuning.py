@@ -76,7 +76,7 @@ def test_tune_rejects_bad_config_before_loading(tmp_path):
 def test_evaluate_python_api(embedded):
     model, tok, _ = embedded
     res = tao_fast.evaluate(model, ["What is 10 + 10?", "What is 3 + 4?"], "arithmetic",
-                            tokenizer=tok, max_tokens=16)
+                            load_config(overrides=["eval.max_tokens=16"]), tokenizer=tok)
     assert res.n == 2 and 0.0 <= res.accuracy <= 1.0 and res.ci_low <= res.accuracy <= res.ci_high
     assert all("response" in r and "expected" in r for r in res.records)
 
@@ -85,13 +85,17 @@ def test_evaluate_sampled_and_best_of_n(embedded):
     """Same seed, same samples: an oracle selector's best-of-3 can't be below pass@1."""
     model, tok, _ = embedded
     qs = [f"What is {a} + {b}?" for a, b in ((12, 30), (7, 8), (41, 16), (5, 55))]
-    kw = dict(tokenizer=tok, max_tokens=16, temperature=0.7, samples=3, seed=1)
-    sampled = tao_fast.evaluate(model, qs, "arithmetic", **kw)
-    best = tao_fast.evaluate(model, qs, "arithmetic", select="arithmetic", **kw)
+    cfg = load_config(overrides=["eval.max_tokens=16", "rollout.temperature=0.7",
+                                 "eval.samples=3", "run.seed=1"])
+    kw = dict(tokenizer=tok, sampled=True)
+    sampled = tao_fast.evaluate(model, qs, "arithmetic", cfg, **kw)
+    best = tao_fast.evaluate(model, qs, "arithmetic", cfg, select="arithmetic", **kw)
     assert (sampled.mode, best.mode, sampled.samples) == ("sampled", "best_of_n", 3)
     assert all(r["samples"] == 3 for r in sampled.records)
     assert best.accuracy >= sampled.accuracy
     for r_s, r_b in zip(sampled.records, best.records):  # per prompt: any correct -> picked
         assert r_b["score"] >= (1.0 if r_s["accuracy"] > 0 else 0.0)
-    with pytest.raises(ValueError, match="needs temperature > 0"):
-        tao_fast.evaluate(model, qs, "arithmetic", tokenizer=tok, samples=2)
+    with pytest.raises(ValueError, match="needs rollout.temperature > 0"):
+        tao_fast.evaluate(model, qs, "arithmetic",
+                          load_config(overrides=["rollout.temperature=0", "eval.samples=2"]),
+                          tokenizer=tok, sampled=True)

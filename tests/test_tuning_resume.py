@@ -176,16 +176,16 @@ def test_space_check_counts_only_what_will_be_written(tmp_path, monkeypatch):
     import shutil
 
     from tao_fast.rl.state import estimate_bytes
-    from tao_fast.tuning import _check_space
+    from tao_fast.run_dir import check_space
 
     model = tiny_learner(0).model
     ckpt = sum(p.numel() * p.element_size() for p in model.parameters())
     Usage = namedtuple("Usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage",
                         lambda p: Usage(1 << 40, 0, ckpt + estimate_bytes(model) // 2))
-    _check_space(tmp_path, model, states=False)
+    check_space(tmp_path, model, states=False)
     with pytest.raises(OSError, match="a training state and a checkpoint .* run.keep_states=0"):
-        _check_space(tmp_path, model, states=True)
+        check_space(tmp_path, model, states=True)
 
 
 def test_unresumable_dirs_say_why(tmp_path):

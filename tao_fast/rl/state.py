@@ -9,11 +9,14 @@
 A state is written under a temporary name and renamed into place, then `latest` is replaced
 atomically; a kill at any moment leaves `latest` naming a complete state. Tensors go to
 safetensors and everything else to JSON: nothing is pickled, so loading runs no code.
+Where the run stood (round, step, data position, ...) is a `ResumeState`, written into
+state.json by `to_json` and read back by `from_json`.
 """
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +24,41 @@ from safetensors.torch import load_file, save_file
 
 from tao_fast.config import ResumeError
 from tao_fast.fileio import atomic_dir, atomic_write_text
+
+
+@dataclass
+class ResumeState:
+    """Where a run stood when a training state was saved: state.json's fields beside the
+    tensors. `step` is the last step done in `round`; `order` the data position (indices into
+    the round's pool still to draw in this pass); `python_rng` the state of the Python RNG
+    that shuffles them; `metrics_lines` how many lines of metrics.jsonl belong to the steps
+    done; `checkpoint` the newest round checkpoint ("" before the first)."""
+    round: int
+    step: int
+    learner_steps: int
+    order: list[int]
+    python_rng: tuple
+    metrics_lines: int
+    checkpoint: str = ""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, state: dict) -> "ResumeState":
+        """From a state.json (which also holds the optimizer's and scheduler's entries)."""
+        version, internal, gauss = state["python_rng"]
+        return cls(round=state["round"], step=state["step"],
+                   learner_steps=state["learner_steps"], order=list(state["order"]),
+                   python_rng=(version, tuple(internal), gauss),
+                   metrics_lines=state["metrics_lines"], checkpoint=state.get("checkpoint", ""))
+
+    def next_position(self, steps_per_round: int) -> tuple[int, int, list[int]]:
+        """(round, step, order) to run next: the step after the saved one, or the first step
+        of the next round when the saved step ended its round."""
+        if self.step >= steps_per_round:
+            return self.round + 1, 1, []
+        return self.round, self.step + 1, list(self.order)
 
 
 def _optimizer_split(opt: torch.optim.Optimizer, sd: dict | None = None) -> tuple[dict, dict]:

@@ -1,0 +1,50 @@
+"""A finished run's summary.json and summary.md (the report, tao_fast/report.py, goes further)."""
+from __future__ import annotations
+
+import json
+
+from tao_fast.config import TaoConfig
+from tao_fast.fileio import atomic_write_text
+
+
+def sparkline(values: list[float]) -> str:
+    bars = "▁▂▃▄▅▆▇█"
+    if not values:
+        return ""
+    lo, hi = min(values), max(values)
+    return "".join(bars[0 if hi == lo else int((v - lo) / (hi - lo) * 7)] for v in values)
+
+
+def _eval_fields(res) -> dict | None:
+    if res is None:
+        return None
+    return {k: getattr(res, k) for k in ("n", "accuracy", "ci_low", "ci_high", "mean_score",
+                                         "mean_response_tokens")}
+
+
+def write_summary(res, cfg: TaoConfig) -> str:
+    """Write res.run_dir/summary.json and summary.md for a TuneResult; returns the markdown."""
+    curve = [m["reward_mean"] for m in res.metrics]
+    summary = {
+        "wall_seconds": res.wall_seconds, "checkpoint": str(res.checkpoint or ""),
+        "scorer": cfg.scoring.scorer, "steps": len(res.metrics), "reward_curve": curve,
+        "before": _eval_fields(res.eval_before),
+        "after": _eval_fields(res.eval_after),
+    }
+    atomic_write_text(res.run_dir / "summary.json", json.dumps(summary, indent=1))
+    lines = [f"# tao-fast run: {res.run_dir}", "",
+             f"- scorer: `{cfg.scoring.scorer}`; {len(res.metrics)} steps x "
+             f"{cfg.rl.prompts_per_step} prompts x {cfg.rollout.n} candidates; "
+             f"wall time {res.wall_seconds / 60:.1f} min",
+             f"- reward curve (mean reward per step): {sparkline(curve)} "
+             f"({curve[0]:.3f} -> {curve[-1]:.3f})" if curve else "- no training steps"]
+    if res.eval_before is not None:
+        lines.append(f"- held-out before: {res.eval_before.summary()}")
+    if res.eval_after is not None:
+        lines.append(f"- held-out after:  {res.eval_after.summary()}")
+    if res.eval_before is not None and res.eval_after is not None:
+        gain = 100 * (res.eval_after.accuracy - res.eval_before.accuracy)
+        lines.append(f"- change: {gain:+.1f} points")
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(res.run_dir / "summary.md", text)
+    return text
