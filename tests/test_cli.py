@@ -51,3 +51,26 @@ def test_wilson_interval_hand_values():
     assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     # k=36, n=200 (18%): 0.1331 .. 0.2385
     assert wilson_interval(36, 200) == pytest.approx((0.1331, 0.2385), abs=1e-3)
+
+
+def test_eval_flags_set_the_config_keys_they_name(tmp_path):
+    """tao-fast eval runs under a TaoConfig: its defaults, a config file, overrides, then each
+    flag given (and only those)."""
+    from tao_fast.cli import build_parser, eval_config
+    from tao_fast.config import ConfigError, TaoConfig
+
+    parse = build_parser().parse_args
+    cfg, sampled = eval_config(parse(["eval"]))
+    assert cfg == TaoConfig() and not sampled  # eval.max_tokens is the runs' default (64)
+    (tmp_path / "c.yaml").write_text("eval: {max_tokens: 12}\nrollout: {strategy: cot}\n")
+    cfg, sampled = eval_config(parse(["eval", "--config", str(tmp_path / "c.yaml"),
+                                      "--temperature", "0.5", "--samples", "3",
+                                      "--seed", "4", "--model", "yes", "run.threads=1"]))
+    assert (cfg.eval.max_tokens, cfg.rollout.strategy, cfg.rollout.temperature,
+            cfg.eval.samples, cfg.run.seed, cfg.model.path, cfg.run.threads) == (
+        12, "cot", 0.5, 3, 4, "yes", 1) and sampled
+    cfg, _ = eval_config(parse(["eval", "--config", str(tmp_path / "c.yaml"),
+                                "--max-tokens", "7", "--strategy", "plain"]))
+    assert (cfg.eval.max_tokens, cfg.rollout.strategy) == (7, "plain")
+    with pytest.raises(ConfigError, match="--samples N needs --temperature > 0"):
+        eval_config(parse(["eval", "--samples", "2"]))

@@ -195,3 +195,24 @@ def test_unresumable_dirs_say_why(tmp_path):
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="cannot write"):
         tao_fast.tune(load_config(overrides=[f"run.output_dir={blocker / 'run'}"]))
+
+
+def test_a_run_reads_its_config_and_never_changes_it(tmp_path, monkeypatch, tiny_model):
+    """The TaoConfig a caller passes is the same after the run, and a resumed run takes its
+    directory from where it is now, not from the run.output_dir written in config.yaml."""
+    import copy
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    prompts(tmp_path / "prompts.jsonl", ["cats", "rain"])
+    run = write_config(tmp_path, "first", tiny_model, steps=2)
+    cfg = load_config(run.config, ["run.save_every=1"])
+    before = copy.deepcopy(cfg)
+    tao_fast.tune(cfg)
+    assert cfg == before
+    shutil.move(tmp_path / "first", tmp_path / "moved")
+    res = tao_fast.tune(resume=tmp_path / "moved", overrides=["run.rounds=2"])
+    assert res.run_dir == tmp_path / "moved" and (tmp_path / "moved" / "checkpoint-round2").exists()
+    assert not (tmp_path / "first").exists()
+    saved = load_config(tmp_path / "moved" / "config.yaml")
+    assert saved.run.output_dir == str(tmp_path / "moved") and saved.run.rounds == 2
