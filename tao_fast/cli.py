@@ -1,4 +1,4 @@
-"""`tao-fast` command line: demo | tune | eval | report | scale | ingest."""
+"""`tao-fast` command line: demo | tune | eval | report | scale | profile | ingest."""
 from __future__ import annotations
 
 import argparse
@@ -181,6 +181,19 @@ def cmd_scale(args) -> int:
     return 0 if res["runs"] else 1
 
 
+def cmd_profile(args) -> int:
+    from tao_fast.config import load_config
+    from tao_fast.profiling.trace import profile_tune
+
+    if args.steps < 1:
+        raise ConfigError(f"--steps: must be >= 1, got {args.steps}")
+    cfg = load_config(args.config, args.overrides, base=None if args.config else DEMO)
+    path = profile_tune(cfg, args.out, steps=args.steps)
+    print(path.read_text())
+    print(f"wrote {path} and {path.parent / 'trace.json'}", file=sys.stderr)
+    return 0
+
+
 def cmd_ingest(args) -> int:
     from tao_fast.data.ingest import ingest
 
@@ -292,6 +305,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "and/or best-of-n (the base model's best-of-N at inference); '' for none")
     sc.add_argument("overrides", nargs="*", help=_overrides_help())
     sc.set_defaults(func=cmd_scale)
+
+    pr = sub.add_parser(
+        "profile", help="profile a few tune steps: a Chrome trace and the top ops",
+        description="Set up a tune (the demo's settings, or --config), then run --steps steps "
+        "under torch.profiler and write OUT/trace.json (Chrome trace: chrome://tracing or "
+        "ui.perfetto.dev) and OUT/profile.md (seconds per phase: generate, score, sleep, train, "
+        "sync, wake; then the top ops by self time). Each phase and each tao_fast op is a "
+        "named range (tao/PHASE, tao_fast.OP), also as NVTX ranges on CUDA for Nsight Systems. "
+        "Held-out evaluation and training states are off; setup (model load, engine start) is "
+        "not profiled.")
+    pr.add_argument("--config", help="YAML/TOML run config (default: the demo's settings)")
+    pr.add_argument("--steps", type=int, default=2, help="steps to profile (default 2)")
+    pr.add_argument("--out", default="runs/profile",
+                    help="output directory (default runs/profile)")
+    pr.add_argument("overrides", nargs="*", help=_overrides_help())
+    pr.set_defaults(func=cmd_profile)
 
     i = sub.add_parser(
         "ingest", help="turn request logs (OpenAI JSONL, prompt JSONL, CSV, Parquet) into a "

@@ -38,6 +38,7 @@ from tao_fast.dtypes import torch_dtype
 from tao_fast.eval import EvalResult, evaluate
 from tao_fast.fileio import atomic_write_lines
 from tao_fast.profiling.memory import PeakMemory
+from tao_fast.profiling.trace import phase
 from tao_fast.rl import distributed as dist_
 from tao_fast.rl.advantages import group_advantages
 from tao_fast.rl.metrics import rollout_metrics
@@ -350,15 +351,19 @@ class TaoRecipe:
         new weights go into the engine, the engine wakes."""
         with PeakMemory(self.model.embed_tokens.weight.device) as peak:
             t1 = time.perf_counter()
-            self.engine.sleep()
+            with phase("tao/sleep"):
+                self.engine.sleep()
             t2 = time.perf_counter()
             try:
-                m = self.learner.step(samples)
+                with phase("tao/train"):
+                    m = self.learner.step(samples)
                 t3 = time.perf_counter()
-                self.engine.load_weights(self.learner.named_full_parameters())
+                with phase("tao/sync"):
+                    self.engine.load_weights(self.learner.named_full_parameters())
                 t4 = time.perf_counter()
             finally:
-                self.engine.wake()
+                with phase("tao/wake"):
+                    self.engine.wake()
             t5 = time.perf_counter()
         return {**m, "sleep_seconds": t2 - t1, "sync_seconds": t4 - t3, "wake_seconds": t5 - t4,
                 "sync_path": self.engine.sync_path,

@@ -205,6 +205,7 @@ def generate_and_score(engine, scorer, prompts: Sequence[list[int]], records: Se
     import dataclasses
     import time
 
+    from tao_fast.profiling.trace import phase
     from tao_fast.rollout import Rollouts
     from tao_fast.scoring import ScoreResult
 
@@ -214,14 +215,16 @@ def generate_and_score(engine, scorer, prompts: Sequence[list[int]], records: Se
     lo, hi = shard_range(len(prompts), world_size() // tp, rank() // tp)
     t0 = time.perf_counter()
     base = sampling.prompt_index or 0
-    if hi > lo or engine.lockstep:  # vLLM DP engines step together
-        ro = engine.generate(list(prompts[lo:hi]),
-                             dataclasses.replace(sampling, prompt_index=base + lo),
-                             progress=progress)
-    else:  # fewer prompts than ranks: this rank has none this step
-        ro = Rollouts.empty()
+    with phase("tao/generate"):
+        if hi > lo or engine.lockstep:  # vLLM DP engines step together
+            ro = engine.generate(list(prompts[lo:hi]),
+                                 dataclasses.replace(sampling, prompt_index=base + lo),
+                                 progress=progress)
+        else:  # fewer prompts than ranks: this rank has none this step
+            ro = Rollouts.empty()
     t1 = time.perf_counter()
-    sc = scorer.score(list(records[lo:hi]), ro.texts) if hi > lo else ScoreResult([], [])
+    with phase("tao/score"):
+        sc = scorer.score(list(records[lo:hi]), ro.texts) if hi > lo else ScoreResult([], [])
     if not active():
         return ro, sc, t1 - t0, time.perf_counter() - t1
     parts = all_gather_object((ro, sc), "rollout gather")[::tp]
