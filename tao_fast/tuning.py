@@ -10,7 +10,6 @@ The run directory holds config.yaml, metrics.jsonl, eval_*.json, summary.json/.m
 """
 from __future__ import annotations
 
-import copy
 import errno
 import json
 import os
@@ -38,7 +37,7 @@ from tao_fast.rl import distributed as dist_
 from tao_fast.rl.advantages import group_advantages
 from tao_fast.rl.state import estimate_bytes, latest_state, load_state, save_state
 from tao_fast.rl.trainer import Learner, samples_from_rollouts
-from tao_fast.rollout import SamplingParams
+from tao_fast.rollout import SamplingParams, build_engine
 from tao_fast.scoring import ScorerContext, build_scorer
 
 @dataclass
@@ -69,43 +68,6 @@ def load_prompts(cfg: TaoConfig):
     if d.eval:
         held = read_jsonl(d.eval)
     return train, held
-
-
-def make_engine(cfg: TaoConfig, model, tokenizer):
-    """The rollout engine: vLLM in-process (rollout.engine=vllm, or auto when a supported vLLM is
-    installed; see tao_fast/rollout/vllm_engine.py for its weight-sync and sleep paths), else the
-    torch engine, which shares the learner's tensors when the dtypes match; with
-    rollout.dtype=bfloat16 it keeps a bf16 copy that each sync casts into in place."""
-    from tao_fast.rollout.torch_engine import TorchEngine
-
-    ro = cfg.rollout
-    if ro.engine in ("auto", "vllm"):  # auto: vLLM whenever it is installed and supported
-        from tao_fast.models.loader import resolve_model_path
-        from tao_fast.rollout import vllm_engine
-
-        ok, why = vllm_engine.vllm_status()
-        if ok:
-            try:
-                return vllm_engine.VllmEngine(
-                    resolve_model_path(cfg.model.path), model, tokenizer, dtype=ro.dtype,
-                    gpu_memory_utilization=ro.gpu_memory_utilization, kv_cache_gb=ro.kv_cache_gb,
-                    max_model_len=ro.max_model_len, enforce_eager=ro.enforce_eager,
-                    weight_sync=ro.weight_sync, seed=cfg.run.seed,
-                    tensor_parallel=ro.tensor_parallel)
-            except vllm_engine.VllmUnavailable as e:
-                ok, why = False, str(e)
-        if ro.engine == "vllm":
-            raise ConfigError(f"rollout.engine=vllm: {why}")
-        if vllm_engine.vllm_installed():
-            log(f"[tao-fast] rollout engine: torch (vLLM not used: {why})")
-    if ro.tensor_parallel > 1:
-        raise ConfigError(f"rollout.tensor_parallel={ro.tensor_parallel} shards vLLM across ranks; "
-                          f"the torch engine has no tensor parallelism (rollout.engine="
-                          f"{ro.engine}{'' if ro.engine == 'torch' else ': ' + why})")
-    sampler = model
-    if torch_dtype(cfg.rollout.dtype) != model.embed_tokens.weight.dtype:
-        sampler = copy.deepcopy(model).to(torch_dtype(cfg.rollout.dtype)).requires_grad_(False)
-    return TorchEngine(sampler, tokenizer, max_batch_rows=cfg.rollout.max_batch_rows)
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -225,8 +187,7 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
     builtin = train if cfg.data.train.startswith("builtin:") else None
     from tao_fast.models import load_model
 
-    model, tok, model_dir = load_model(cfg.model.path, dtype=torch_dtype(cfg.model.dtype))
-    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    model, tok, model_dir = load_model(cfg.model)
     learner = Learner(model, cfg.rl, cfg.rollout.temperature, cfg.model.ops_backend,
                       progress=cfg.run.progress, replica_dtype=torch_dtype(cfg.rollout.dtype))
     rng = random.Random(cfg.run.seed)
@@ -259,7 +220,8 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
     # after the resumed weights are in the model. Under FSDP the engine gets a whole-weight
     # replica, except a vLLM TP engine: it loads its shards straight from the learner's
     tp_engine = cfg.rollout.tensor_parallel > 1
-    engine = make_engine(cfg, learner.model if tp_engine else learner.full_model(), tok)
+    engine = build_engine(cfg.rollout, learner.model if tp_engine else learner.full_model(), tok,
+                          model_dir=model_dir, seed=cfg.run.seed)
     if learner.parallel == "fsdp":
         log("[tao-fast] FSDP2: rollout weights " + (
             "gathered from the shards into vLLM's TP shards (no whole-weight replica)"
@@ -340,9 +302,7 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
             # under torchrun each rank samples and scores a slice; every rank gets the whole
             rollouts, scores, gen_s, score_s = dist_.generate_and_score(
                 engine, scorer, [encoded[i] for i in idx], recs,
-                SamplingParams(n=ro.n, temperature=ro.temperature, top_p=ro.top_p,
-                               max_tokens=ro.max_tokens, seed=cfg.run.seed * 1_000_003 + gstep,
-                               prompt_index=0),
+                SamplingParams.from_config(ro, seed=cfg.run.seed * 1_000_003 + gstep),
                 progress=cfg.run.progress)
             t_gen = t0 + gen_s
             t_score = t_gen + score_s
