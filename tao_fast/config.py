@@ -28,15 +28,31 @@ def _one_of(value, choices, key):
     _check(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
 
 
+WEIGHT_DTYPES = ("float32", "bfloat16")  # model.dtype and rollout.dtype
+
+
+def check_sampling(n: int, temperature: float, top_p: float, max_tokens: int,
+                   where: str) -> None:
+    """The sampling checks, written once: RolloutConfig (where="rollout.") and
+    tao_fast.rollout.SamplingParams (where="SamplingParams.") both call it. A ConfigError
+    (a ValueError) naming where + the field."""
+    _check(n >= 1, f"{where}n", f"must be >= 1, got {n}")
+    _check(temperature >= 0, f"{where}temperature", f"must be >= 0, got {temperature}")
+    _check(0 < top_p <= 1, f"{where}top_p", f"must be in (0, 1], got {top_p}")
+    _check(max_tokens >= 1, f"{where}max_tokens", f"must be >= 1, got {max_tokens}")
+
+
 @dataclass
 class ModelConfig:
+    """The model section; tao_fast.models.load_model(ModelConfig) reads path, dtype and
+    gradient_checkpointing; the learner reads ops_backend."""
     path: str = "embedded:smollm2-135m-instruct"  # embedded[:name], HF safetensors dir, or .gguf
     dtype: str = "float32"  # learner's master weights
     ops_backend: str = "auto"  # tao_fast.ops backend for the learner: auto | triton | torch
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
-        _one_of(self.dtype, ("float32", "bfloat16"), "model.dtype")
+        _one_of(self.dtype, WEIGHT_DTYPES, "model.dtype")
         _one_of(self.ops_backend, ("auto", "triton", "torch"), "model.ops_backend")
 
 
@@ -67,6 +83,8 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
+    """The rollout section, checked whole here (the engines take it as it is):
+    tao_fast.rollout.build_engine, VllmEngine and SamplingParams.from_config read it."""
     engine: str = "auto"  # auto (vllm when importable, else torch) | torch | vllm
     n: int = 8  # candidates per prompt: the tuning-compute knob
     temperature: float = 1.0
@@ -81,7 +99,7 @@ class RolloutConfig:
     max_model_len: int = 0  # prompt + response tokens per sequence; 0 = the model's maximum
     enforce_eager: bool | str = "auto"  # true | false (compiled, CUDA graphs) | auto (eager on CPU)
     weight_sync: str = "auto"  # shared (vLLM's tensors = the learner's) | reload (vLLM's own
-    # in-place reload; keeps its packed CPU GEMMs) | auto (shared): tao_fast/rollout/vllm_engine.py
+    # in-place reload; keeps its packed CPU GEMMs) | auto (shared): tao_fast/rollout/vllm/weights.py
     # under torchrun: ranks per vLLM engine (its tensor-parallel degree; must divide the world);
     # 1 = every rank runs its own whole-model vLLM on its share of the prompts
     tensor_parallel: int = 1
@@ -99,12 +117,9 @@ class RolloutConfig:
         _check(self.tensor_parallel == 1 or self.weight_sync != "shared",
                "rollout.tensor_parallel", "> 1 shards vLLM's weights, which the learner's whole "
                "tensors cannot share: use rollout.weight_sync=reload (or auto)")
-        _check(self.n >= 1, "rollout.n", f"must be >= 1, got {self.n}")
-        _check(self.temperature >= 0, "rollout.temperature", f"must be >= 0, got {self.temperature}")
-        _check(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
-        _check(self.max_tokens >= 1, "rollout.max_tokens", f"must be >= 1, got {self.max_tokens}")
+        check_sampling(self.n, self.temperature, self.top_p, self.max_tokens, "rollout.")
         _one_of(self.strategy, ("plain", "cot", "structured"), "rollout.strategy")
-        _one_of(self.dtype, ("float32", "bfloat16"), "rollout.dtype")
+        _one_of(self.dtype, WEIGHT_DTYPES, "rollout.dtype")
         _check(self.max_batch_rows >= 1, "rollout.max_batch_rows", "must be >= 1")
 
 

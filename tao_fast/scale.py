@@ -57,18 +57,17 @@ def best_of_n(cfg: TaoConfig, ns: list[int], out: Path) -> dict:
         return json.loads(path.read_text())
     from tao_fast.data.prompts import encode_prompt
     from tao_fast.data.sources import load_prompts
-    from tao_fast.dtypes import torch_dtype
     from tao_fast.eval import wilson_interval
     from tao_fast.models import load_model
-    from tao_fast.rollout import SamplingParams
+    from tao_fast.rollout import SamplingParams, build_engine
     from tao_fast.scoring import build_scorer
-    from tao_fast.tuning import make_engine
 
     _, held = load_prompts(cfg.data, cfg.run.seed)
     select = build_scorer(cfg.scoring.scorer, seed=cfg.run.seed)
     judge = build_scorer(cfg.eval.scorer or cfg.scoring.scorer, seed=cfg.run.seed)
-    model, tok, _ = load_model(cfg.model.path, dtype=torch_dtype(cfg.model.dtype))
-    engine = make_engine(cfg, model.requires_grad_(False), tok)
+    model, tok, model_dir = load_model(cfg.model)
+    engine = build_engine(cfg.rollout, model.requires_grad_(False), tok, model_dir=model_dir,
+                          seed=cfg.run.seed)
     ids = [encode_prompt(r, tok, cfg.rollout.strategy, cfg.data.system_prompt) for r in held]
     ro = engine.generate(ids, SamplingParams(n=max(ns), temperature=cfg.rollout.temperature,
                                              top_p=cfg.rollout.top_p,

@@ -16,7 +16,6 @@ never changed, while the run goes.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
@@ -44,7 +43,7 @@ from tao_fast.rl.advantages import group_advantages
 from tao_fast.rl.metrics import rollout_metrics
 from tao_fast.rl.state import ResumeState, latest_state, load_state, save_state
 from tao_fast.rl.trainer import Learner, samples_from_rollouts
-from tao_fast.rollout import SamplingParams
+from tao_fast.rollout import SamplingParams, build_engine
 from tao_fast.run_dir import check_space, check_writable, kill_at
 from tao_fast.scoring import ScorerContext, build_scorer
 from tao_fast.summary import write_summary
@@ -91,43 +90,6 @@ def run_config(config, overrides, resume) -> tuple[TaoConfig, Path]:
         raise ConfigError(f"run.output_dir: {run_dir} already holds a run; continue it with "
                           f"`tao-fast tune --resume {run_dir}` or choose another directory")
     return cfg, run_dir
-
-
-def make_engine(cfg: TaoConfig, model, tokenizer):
-    """The rollout engine: vLLM in-process (rollout.engine=vllm, or auto when a supported vLLM is
-    installed; see tao_fast/rollout/vllm_engine.py for its weight-sync and sleep paths), else the
-    torch engine, which shares the learner's tensors when the dtypes match; with
-    rollout.dtype=bfloat16 it keeps a bf16 copy that each sync casts into in place."""
-    from tao_fast.rollout.torch_engine import TorchEngine
-
-    ro = cfg.rollout
-    if ro.engine in ("auto", "vllm"):  # auto: vLLM whenever it is installed and supported
-        from tao_fast.models.loader import resolve_model_path
-        from tao_fast.rollout import vllm_engine
-
-        ok, why = vllm_engine.vllm_status()
-        if ok:
-            try:
-                return vllm_engine.VllmEngine(
-                    resolve_model_path(cfg.model.path), model, tokenizer, dtype=ro.dtype,
-                    gpu_memory_utilization=ro.gpu_memory_utilization, kv_cache_gb=ro.kv_cache_gb,
-                    max_model_len=ro.max_model_len, enforce_eager=ro.enforce_eager,
-                    weight_sync=ro.weight_sync, seed=cfg.run.seed,
-                    tensor_parallel=ro.tensor_parallel)
-            except vllm_engine.VllmUnavailable as e:
-                ok, why = False, str(e)
-        if ro.engine == "vllm":
-            raise ConfigError(f"rollout.engine=vllm: {why}")
-        if vllm_engine.vllm_installed():
-            log(f"[tao-fast] rollout engine: torch (vLLM not used: {why})")
-    if ro.tensor_parallel > 1:
-        raise ConfigError(f"rollout.tensor_parallel={ro.tensor_parallel} shards vLLM across ranks; "
-                          f"the torch engine has no tensor parallelism (rollout.engine="
-                          f"{ro.engine}{'' if ro.engine == 'torch' else ': ' + why})")
-    sampler = model
-    if torch_dtype(cfg.rollout.dtype) != model.embed_tokens.weight.dtype:
-        sampler = copy.deepcopy(model).to(torch_dtype(cfg.rollout.dtype)).requires_grad_(False)
-    return TorchEngine(sampler, tokenizer, max_batch_rows=cfg.rollout.max_batch_rows)
 
 
 def _uses_policy(s):  # MERGE: scorer.uses_policy
@@ -194,9 +156,7 @@ class TaoRecipe:
         from tao_fast.models import load_model
 
         cfg = self.cfg
-        self.model, self.tokenizer, self.model_dir = load_model(
-            cfg.model.path, dtype=torch_dtype(cfg.model.dtype))
-        self.model.gradient_checkpointing = cfg.model.gradient_checkpointing
+        self.model, self.tokenizer, self.model_dir = load_model(cfg.model)
         self.learner = Learner(self.model, cfg.rl, cfg.rollout.temperature,
                                cfg.model.ops_backend, progress=self.progress,
                                replica_dtype=torch_dtype(cfg.rollout.dtype))
@@ -237,8 +197,9 @@ class TaoRecipe:
         whole-weight replica, except a vLLM TP engine: that loads its shards from the learner's."""
         cfg, learner = self.cfg, self.learner
         tp_engine = cfg.rollout.tensor_parallel > 1
-        self.engine = make_engine(cfg, learner.model if tp_engine else learner.full_model(),
-                                  self.tokenizer)
+        self.engine = build_engine(cfg.rollout,
+                                   learner.model if tp_engine else learner.full_model(),
+                                   self.tokenizer, model_dir=self.model_dir, seed=cfg.run.seed)
         if learner.parallel == "fsdp":
             log("[tao-fast] FSDP2: rollout weights " + (
                 "gathered from the shards into vLLM's TP shards (no whole-weight replica)"
@@ -326,10 +287,7 @@ class TaoRecipe:
         t0 = time.perf_counter()
         cfg, gstep = self.cfg, self.global_step
         recs, ids = self.next_batch()
-        ro = cfg.rollout
-        sampling = SamplingParams(n=ro.n, temperature=ro.temperature, top_p=ro.top_p,
-                                  max_tokens=ro.max_tokens, seed=cfg.run.seed * 1_000_003 + gstep,
-                                  prompt_index=0)
+        sampling = SamplingParams.from_config(cfg.rollout, seed=cfg.run.seed * 1_000_003 + gstep)
         # under torchrun each rank samples and scores a slice; every rank gets the whole
         rollouts, scores, gen_s, score_s = dist_.generate_and_score(
             self.engine, self.scorer, ids, recs, sampling, progress=self.progress)

@@ -44,7 +44,7 @@ class ModelArgs:
     def from_hf(cls, cfg: dict) -> "ModelArgs":
         archs = cfg.get("architectures") or []
         mtype = cfg.get("model_type", "llama")
-        if mtype not in ("llama", "qwen2") and not any(a in SUPPORTED_ARCHS for a in archs):
+        if mtype not in SUPPORTED_ARCHS.values() and not any(a in SUPPORTED_ARCHS for a in archs):
             raise ValueError(f"unsupported architecture {archs or mtype}: tao-fast's learner "
                              f"supports {sorted(SUPPORTED_ARCHS)}")
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from tao_fast.config import ModelConfig
+from tao_fast.dtypes import torch_dtype
 from tao_fast.fileio import atomic_dir
 from tao_fast.models.config import ModelArgs
 from tao_fast.models.llama import Transformer
@@ -106,8 +108,27 @@ def hf_state_dict(model: Transformer) -> dict:
     return {k: v.detach().contiguous() for k, v in to_hf(model.named_parameters(), model.args)}
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype=torch.float32, device="cpu"):
-    """Load (Transformer, tokenizer or None, model_dir) from an embedded name, HF dir or GGUF."""
+def load_model(model: ModelConfig | str = DEFAULT_MODEL, dtype: torch.dtype | None = None,
+               device: str | torch.device = "cpu"):
+    """Load (Transformer, tokenizer or None, model_dir) from an embedded name, HF dir or GGUF.
+
+    model: the run's model section (ModelConfig: path, dtype and gradient_checkpointing come
+    from it; `dtype` must then be left None), or a plain path/spec string for callers that
+    have only a path (evaluation of a checkpoint, the judge's model, tests): fp32 unless
+    `dtype` says otherwise, gradient checkpointing off. model_dir is the resolved HF directory
+    (what a vLLM engine loads)."""
+    if isinstance(model, ModelConfig):
+        if dtype is not None:
+            raise ValueError(f"load_model: dtype={dtype} given with a ModelConfig, whose "
+                             f"model.dtype={model.dtype} is the one used: pass one of them")
+        net, tok, path = _load(model.path, torch_dtype(model.dtype), device)
+        net.gradient_checkpointing = model.gradient_checkpointing
+        return net, tok, path
+    return _load(model, torch.float32 if dtype is None else dtype, device)
+
+
+def _load(spec: str, dtype: torch.dtype, device):
+    """load_model for a path/spec string, in `dtype` on `device`."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(spec)

@@ -1,103 +1,19 @@
-"""Rollout engines: the Engine protocol, sampling parameters and what a generation returns."""
-from __future__ import annotations
+"""Rollout engines.
 
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol, Sequence
+  protocol.py      the Engine protocol, SamplingParams, Rollouts, check_prompts, stop_token_ids
+  build.py         build_engine(rollout config, model, tokenizer): vLLM or the torch engine
+  torch_engine.py  the in-house torch engine (CPU, tests, fallback)
+  vllm/            the colocated vLLM engine: compat (version gate), weights (sync paths),
+                   kv (KV-cache sleep/wake), engine (VllmEngine)
+"""
+from tao_fast.rollout.build import build_engine
+from tao_fast.rollout.protocol import (
+    Engine,
+    Rollouts,
+    SamplingParams,
+    check_prompts,
+    stop_token_ids,
+)
 
-import torch
-
-
-@dataclass
-class SamplingParams:
-    n: int = 1  # candidates per prompt
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    max_tokens: int = 64
-    stop_token_ids: tuple[int, ...] = ()  # in addition to the tokenizer's EOS
-    seed: int | None = None
-    # Global index of the first prompt of this call. When set (with seed), the torch engine
-    # seeds each chunk of prompts from (seed, the chunk's first prompt's global index), so the
-    # samples do not depend on how the prompts were split across calls or ranks.
-    prompt_index: int | None = None
-
-    def __post_init__(self):
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-
-
-@dataclass
-class Rollouts:
-    """Candidates of P prompts, N each. Lists are indexed [prompt][candidate]."""
-    prompt_ids: list[list[int]]  # [P][prompt_len]
-    token_ids: list[list[list[int]]]  # [P][N][response_len]
-    texts: list[list[str]]  # [P][N]
-    logprobs: list[list[list[float]]]  # [P][N][response_len], after temperature/top-p
-    finish_reasons: list[list[str]]  # [P][N]: "stop" or "length"
-    stats: dict = field(default_factory=dict)  # tokens, seconds, tokens_per_s
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(t) for group in self.token_ids for t in group)
-
-    @classmethod
-    def empty(cls) -> "Rollouts":
-        """No prompts, nothing generated (a rank or engine with no share of a step)."""
-        return cls([], [], [], [], [], stats={"tokens": 0, "seconds": 0.0, "tokens_per_s": 0.0})
-
-
-def check_prompts(prompts) -> None:
-    """What every engine's generate() requires of its prompts (token id lists)."""
-    if not prompts:
-        raise ValueError("generate() needs at least one prompt")
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-
-
-def stop_token_ids(model_args, tokenizer) -> list[int]:
-    """EOS ids of the model's config (an int or a list) and of the tokenizer, sorted."""
-    eos = model_args.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return sorted(ids)
-
-
-class Engine(Protocol):
-    """What the recipe, the evaluation and the judge need of a rollout engine. Engines subclass
-    it, so the attributes below have these defaults and no caller probes for them."""
-
-    name: str
-    tokenizer: Any
-    # the torch module the engine samples with (the learner's own, or a copy it keeps); None
-    # when the engine has its own (vLLM)
-    model: Any = None
-    # data-parallel engines that step together (vLLM DP): every rank calls generate() the same
-    # number of times, with no prompts when it has none
-    lockstep: bool = False
-    tensor_parallel: int = 1  # ranks that make one engine (vLLM TP); they get the same prompts
-    # how the last load_weights() reached the engine: same-tensors (nothing to move) | copy |
-    # alias | cast | reload (see each engine)
-    sync_path: str = "same-tensors"
-
-    def generate(self, prompts: Sequence[list[int]], sampling: SamplingParams,
-                 progress: bool = False) -> Rollouts: ...
-
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Bring the learner's weights (its fused names) in, in place; tensors the engine
-        already shares (same storage) cost nothing."""
-        ...
-
-    def sleep(self) -> None:
-        """Free what generation holds between steps (vLLM: the KV cache)."""
-
-    def wake(self) -> None:
-        """Take back what sleep() freed."""
-
-    def close(self) -> None:
-        """Release the engine's resources (vLLM's engine core)."""
+__all__ = ["Engine", "Rollouts", "SamplingParams", "check_prompts", "stop_token_ids",
+           "build_engine"]

@@ -14,7 +14,14 @@ import torch
 from tqdm.auto import tqdm
 
 from tao_fast.models.llama import KVCache, Transformer
-from tao_fast.rollout import Engine, Rollouts, SamplingParams, check_prompts, stop_token_ids
+from tao_fast.rollout.protocol import (
+    Engine,
+    Rollouts,
+    SamplingParams,
+    check_prompts,
+    decode_response,
+    stop_token_ids,
+)
 
 
 def sample_tokens(logits, temperature: float, top_p: float, generator=None):
@@ -77,8 +84,7 @@ class TorchEngine(Engine):
             bar.close()
         n = sampling.n
         group = lambda xs: [xs[i * n:(i + 1) * n] for i in range(len(prompts))]  # noqa: E731
-        texts = [self.tokenizer.decode([t for t in seq if t not in self.eos_ids],
-                                       skip_special_tokens=True) for seq in toks]
+        texts = [decode_response(self.tokenizer, seq, self.eos_ids) for seq in toks]
         secs = time.perf_counter() - t0
         ntok = sum(map(len, toks))
         return Rollouts(prompt_ids=[list(p) for p in prompts], token_ids=group(toks),

@@ -9,12 +9,12 @@ import torch
 pytest.importorskip("vllm")
 
 from tao_fast import ops
-from tao_fast.config import ConfigError, load_config
+from tao_fast.config import ConfigError, RolloutConfig, load_config
 from tao_fast.data import PromptRecord
 from tao_fast.data.prompts import encode_prompt
 from tao_fast.models import load_model
-from tao_fast.rollout import SamplingParams, vllm_engine
-from tao_fast.rollout.vllm_engine import VllmEngine
+from tao_fast.rollout import SamplingParams, build_engine
+from tao_fast.rollout.vllm import VllmEngine, compat
 
 pytestmark = pytest.mark.slow
 
@@ -44,11 +44,10 @@ def engines(learner):
     def get(kind):
         if kind not in made:
             if kind == "reload":
-                made[kind] = VllmEngine(path, model, tok, dtype="bfloat16", weight_sync="reload",
-                                        **SMALL)
+                ro = RolloutConfig(dtype="bfloat16", weight_sync="reload", **SMALL)
             else:
-                made[kind] = VllmEngine(path, model, tok, dtype="float32", weight_sync="shared",
-                                        **SMALL)
+                ro = RolloutConfig(dtype="float32", weight_sync="shared", **SMALL)
+            made[kind] = VllmEngine(path, model, tok, ro, seed=0)
         return made[kind]
 
     yield get
@@ -155,14 +154,14 @@ def test_sleep_frees_the_kv_cache_and_wake_restores_it(learner, engines):
     assert eng.stats["sleep_path"] == "cpu-kv-free" and eng.stats["kv_freed_mb"] >= 100
     # the KV cache's storage is released (whether the allocator hands the pages back to the
     # OS at once depends on malloc's state in the process: RSS is not a reliable check here)
-    assert eng._kv_storages and all(st.nbytes() == 0 for st in eng._kv_storages)
-    assert all(t.untyped_storage().nbytes() == 0 for t in eng._kv_tensors())
+    assert eng.kv.storages and all(st.nbytes() == 0 for st in eng.kv.storages)
+    assert all(t.untyped_storage().nbytes() == 0 for t in eng.kv.tensors())
     eng.sleep()  # idempotent
     junk = [torch.full((1 << 18,), float("nan")) for _ in range(256)]  # what a learner step
     del junk  # leaves in freed memory
     eng.wake()
     assert eng.stats["wake_seconds"] >= 0
-    assert all(int(t.count_nonzero()) == 0 for t in eng._kv_tensors())  # no stale NaN
+    assert all(int(t.count_nonzero()) == 0 for t in eng.kv.tensors())  # no stale NaN
     assert eng.generate(prompts, GREEDY).token_ids == base
     eng.sleep()
     assert eng.generate(prompts, GREEDY).token_ids == base  # generate wakes it
@@ -198,21 +197,23 @@ def test_two_round_tune_with_vllm(tmp_path, monkeypatch, tiny_model):
 
 
 def test_failures_are_clear(learner, tmp_path, monkeypatch):
-    from tao_fast.tuning import make_engine
-
     model, tok, path = learner
     cfg = load_config(None, ["rollout.engine=vllm"])
-    monkeypatch.setattr(vllm_engine, "_installed_version", lambda: "0.40.1")
-    ok, why = vllm_engine.vllm_status()
+
+    def make_engine(c, m, t):
+        return build_engine(c.rollout, m, t, model_dir=path, seed=c.run.seed)
+
+    monkeypatch.setattr(compat, "_installed_version", lambda: "0.40.1")
+    ok, why = compat.vllm_status()
     assert not ok and ">=0.32,<0.33" in why and "0.40.1" in why
     with pytest.raises(ConfigError, match=r"rollout.engine=vllm: vLLM 0.40.1 .*>=0.32,<0.33"):
         make_engine(cfg, model, tok)
-    monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: False)
+    monkeypatch.setattr(compat, "vllm_installed", lambda: False)
     with pytest.raises(ConfigError, match=r"not installed.*>=0.32,<0.33.*pip install"):
         make_engine(cfg, model, tok)
     monkeypatch.undo()
     auto = load_config(None, ["rollout.engine=auto"])
-    monkeypatch.setattr(vllm_engine, "_installed_version", lambda: "0.31.0")
+    monkeypatch.setattr(compat, "_installed_version", lambda: "0.31.0")
     assert make_engine(auto, model, tok).name == "torch"  # auto falls back
     monkeypatch.undo()
 
@@ -220,11 +221,13 @@ def test_failures_are_clear(learner, tmp_path, monkeypatch):
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"architectures": ["NoSuchForCausalLM"]}))
     with pytest.raises(ConfigError, match="NoSuchForCausalLM.*cannot be loaded by vLLM"):
-        VllmEngine(bad, model, tok, **SMALL)
+        VllmEngine(bad, model, tok, RolloutConfig(**SMALL), seed=0)
     with pytest.raises(ConfigError, match="rollout.kv_cache_gb"):
-        VllmEngine(path, model, tok, kv_cache_gb=100_000, max_model_len=256)
+        VllmEngine(path, model, tok, RolloutConfig(kv_cache_gb=100_000, max_model_len=256),
+                   seed=0)
     with pytest.raises(ConfigError, match="groups of 2; launch with torchrun"):
-        VllmEngine(path, model, tok, tensor_parallel=2, **SMALL)  # one process, no ranks
+        VllmEngine(path, model, tok, RolloutConfig(tensor_parallel=2, **SMALL),
+                   seed=0)  # one process, no ranks
     for kv in ("rollout.gpu_memory_utilization=0", "rollout.gpu_memory_utilization=1.5",
                "rollout.kv_cache_gb=-1", "rollout.enforce_eager=maybe",
                "rollout.weight_sync=rsync", "rollout.max_model_len=-2",
