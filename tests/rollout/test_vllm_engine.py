@@ -234,3 +234,26 @@ def test_failures_are_clear(learner, tmp_path, monkeypatch):
                "rollout.tensor_parallel=0"):
         with pytest.raises(ConfigError, match=kv.split("=")[0]):
             load_config(None, [kv])
+
+
+def test_the_demos_workload_through_vllm(tmp_path, monkeypatch, tiny_model):
+    """The demo's shape, through vLLM on the CPU: 200 held-out prompts answered greedy and
+    sampled (seeded) before and after, 8 prompts x 8 candidates of 32 tokens per step. The
+    seeded sampled pass once crashed inside vLLM (a chunked prefill rewinding a CPU generator:
+    "CPU Generator does not use offset"). The tiny model keeps it fast; the prompts, the chat
+    template and the token budget are the demo's."""
+    import tao_fast
+    from tao_fast.cli import DEMO
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, [
+        f"model.path={tiny_model}", "model.ops_backend=torch", "rollout.engine=vllm",
+        "rollout.kv_cache_gb=0.25", "run.steps=2", "run.output_dir=run", "run.progress=false",
+        "run.keep_states=0"], base=DEMO)
+    assert (cfg.data.n_eval, cfg.eval.samples, cfg.rollout.n, cfg.rollout.max_tokens) == (
+        200, 1, 8, 32)
+    res = tao_fast.tune(cfg)
+    for name in ("before", "before_sampled", "after", "after_sampled"):
+        ev = json.loads((tmp_path / "run" / f"eval_{name}.json").read_text())
+        assert ev["n"] == 200 and len(ev["records"]) == 200, name
+    assert res.eval_after.n == 200 and len(res.metrics) == 2

@@ -126,6 +126,14 @@ class VllmEngine(Engine):
             kwargs["kv_cache_memory_bytes"] = kv_bytes
         if ro.max_model_len:
             kwargs["max_model_len"] = ro.max_model_len
+        if self.on_cpu:
+            # No chunked prefill on the CPU backend: vLLM 0.32 rewinds a seeded request's
+            # generator after a partial (chunked) prefill with Generator.set_offset, which CPU
+            # generators lack ("RuntimeError: CPU Generator does not use offset"); seen with
+            # the demo's 200 held-out prompts sampled with a seed (8k prompt tokens > the 2,048
+            # token budget of a step). Unchunked, a step's budget must hold a whole prompt.
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(
+                2048, ro.max_model_len or self.args.max_position_embeddings))
         return kwargs
 
     def _check_memory(self, ro: RolloutConfig, kv_bytes: int | None) -> None:
