@@ -149,13 +149,6 @@ def _kill_at() -> int | None:
     return int(step)
 
 
-def _judges_with_policy(scorer) -> bool:
-    """Whether `scorer` (or a part of a mix) is an LLM judge that asks the policy's engine."""
-    if getattr(scorer, "model_spec", None) == "policy":
-        return True
-    return any(_judges_with_policy(p.scorer) for p in getattr(scorer, "parts", ()))
-
-
 def _write_lines(path: Path, lines: list[dict]) -> None:
     if not dist_.is_main():  # under torchrun rank 0 alone writes the run directory
         return
@@ -220,7 +213,7 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
         if cfg.eval.scorer else scorer
     train, held = load_prompts(cfg)
     for s, recs in ((scorer, train), (eval_scorer, held)):  # e.g. every SQL prompt's database
-        if hasattr(s, "check") and recs:
+        if recs:
             s.check(recs)
     builtin = train if cfg.data.train.startswith("builtin:") else None
     from tao_fast.models import load_model
@@ -267,7 +260,7 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
     policy.update(engine=engine, tokenizer=tok)
     if engine.lockstep:
         for where, s in (("scoring.scorer", scorer), ("eval.scorer", eval_scorer)):
-            if _judges_with_policy(s):
+            if s.uses_policy:
                 raise ConfigError(
                     f"{where}: a judge on the policy model under vLLM data parallelism "
                     f"({dist_.world_size() // cfg.rollout.tensor_parallel} engines): vLLM's "
