@@ -36,6 +36,7 @@ from tao_fast.eval import EvalResult, evaluate
 from tao_fast.profiling.memory import PeakMemory
 from tao_fast.rl import distributed as dist_
 from tao_fast.rl.advantages import group_advantages
+from tao_fast.rl.rollout_shards import generate_and_score
 from tao_fast.rl.state import estimate_bytes, latest_state, load_state, save_state
 from tao_fast.rl.trainer import Learner, samples_from_rollouts
 from tao_fast.rollout import SamplingParams
@@ -331,7 +332,7 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
                 if i not in encoded:
                     encoded[i] = encode_prompt(pool[i], tok, ro.strategy, cfg.data.system_prompt)
             # under torchrun each rank samples and scores a slice; every rank gets the whole
-            rollouts, scores, gen_s, score_s = dist_.generate_and_score(
+            rollouts, scores, gen_s, score_s = generate_and_score(
                 engine, scorer, [encoded[i] for i in idx], recs,
                 SamplingParams(n=ro.n, temperature=ro.temperature, top_p=ro.top_p,
                                max_tokens=ro.max_tokens, seed=cfg.run.seed * 1_000_003 + gstep,

@@ -25,7 +25,7 @@ Weight sync, `weight_sync` (the path that ran is `engine.sync_path`):
 - "auto": "shared" on a GPU; on the CPU backend `CPU_AUTO_SYNC` (measured: "shared").
 Under torchrun (tao_fast.rl.distributed active) the engine uses vLLM's external launcher: each
 rank is one vLLM worker in torchrun's process group. `tensor_parallel` ranks make one engine
-(TP shards; they must get the same prompts, see distributed.generate_and_score) and the world
+(TP shards; they must get the same prompts, see rollout_shards.generate_and_score) and the world
 / tensor_parallel engines are vLLM's data parallelism. A TP shard cannot alias the learner's
 whole tensors, so tensor_parallel > 1 syncs by "reload".
 vLLM's own log level defaults to ERROR here (VLLM_LOGGING_LEVEL overrides).
@@ -163,6 +163,7 @@ class VllmEngine(Engine):
 
         from tao_fast.config import ConfigError
         from tao_fast.rl import distributed as dist_
+        from tao_fast.rl import fsdp
 
         self.vllm_version = vllm.__version__
         self.tokenizer = tokenizer
@@ -251,7 +252,7 @@ class VllmEngine(Engine):
         self._bind()
         # resumed / non-disk weights go in now; a sharded (FSDP) learner, which only a TP
         # engine gets (reload sync), is gathered one tensor at a time (every rank is here)
-        self.load_weights(dist_.full_named_parameters(learner) if dist_.is_sharded(learner)
+        self.load_weights(fsdp.full_named_parameters(learner) if fsdp.is_sharded(learner)
                           else learner.named_parameters())
 
     # ----------------------------------------------------------------- checks

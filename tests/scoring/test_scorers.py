@@ -202,6 +202,20 @@ def test_duplicate_part_names_are_kept_apart():
     assert res.rewards == [[1.0]]
 
 
+
+def test_score_results_of_slices_concatenate():
+    """Slices of 2, 1 and 0 prompts: groups in order, failures summed per scorer, each stat the
+    prompt-weighted mean of the slices that report it."""
+    a = ScoreResult([[1.0, 0.0], [0.5]], [[{"a": 1}, {}], [{}]], {"x": 1, "y": 2},
+                    {"m/rate": 0.5, "m/only_a": 1.0})
+    b = ScoreResult([[2.0]], [[{"b": 1}]], {"x": 3}, {"m/rate": 0.8})
+    got = ScoreResult.concat([a, b, ScoreResult([], [])])
+    assert got.rewards == [[1.0, 0.0], [0.5], [2.0]]
+    assert got.details == [[{"a": 1}, {}], [{}], [{"b": 1}]]
+    assert got.failures == {"x": 4, "y": 2} and got.num_failures == 6
+    assert got.stats == {"m/rate": pytest.approx((2 * 0.5 + 1 * 0.8) / 3), "m/only_a": 1.0}
+    assert ScoreResult.concat([]).rewards == [] and ScoreResult.concat([]).stats == {}
+
 # ---- judge parsers ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("reply,want", [
