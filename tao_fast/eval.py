@@ -71,6 +71,7 @@ def evaluate(model, prompts, scorer, *, tokenizer=None, engine=None, max_tokens:
     The 95% CI is Wilson's over prompts (samples of one prompt are not independent).
     """
     from tao_fast.rl import distributed as dist_
+    from tao_fast.rl.rollout_shards import generate_and_score
     from tao_fast.rollout.torch_engine import TorchEngine
     from tao_fast.scoring import build_scorer
 
@@ -98,7 +99,7 @@ def evaluate(model, prompts, scorer, *, tokenizer=None, engine=None, max_tokens:
                               seed=seed)
     if select is None and dist_.active():  # under torchrun: each engine answers and scores
         # a slice, and every rank gets the whole result (as a training step's rollouts)
-        ro, res, _, _ = dist_.generate_and_score(engine, scorer, ids, recs, sampling, progress)
+        ro, res, _, _ = generate_and_score(engine, scorer, ids, recs, sampling, progress)
         texts, lens = ro.texts, [[len(t) for t in g] for g in ro.token_ids]  # [P][N]
     else:
         ro = engine.generate(ids, sampling, progress=progress)

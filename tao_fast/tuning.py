@@ -35,6 +35,7 @@ from tao_fast.eval import EvalResult, evaluate
 from tao_fast.profiling.memory import PeakMemory
 from tao_fast.rl import distributed as dist_
 from tao_fast.rl.advantages import group_advantages
+from tao_fast.rl.rollout_shards import generate_and_score
 from tao_fast.rl.state import estimate_bytes, latest_state, load_state, save_state
 from tao_fast.rl.trainer import Learner, samples_from_rollouts
 from tao_fast.rollout import SamplingParams, build_engine
@@ -111,13 +112,6 @@ def _kill_at() -> int | None:
     return int(step)
 
 
-def _judges_with_policy(scorer) -> bool:
-    """Whether `scorer` (or a part of a mix) is an LLM judge that asks the policy's engine."""
-    if getattr(scorer, "model_spec", None) == "policy":
-        return True
-    return any(_judges_with_policy(p.scorer) for p in getattr(scorer, "parts", ()))
-
-
 def _write_lines(path: Path, lines: list[dict]) -> None:
     if not dist_.is_main():  # under torchrun rank 0 alone writes the run directory
         return
@@ -182,7 +176,7 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
         if cfg.eval.scorer else scorer
     train, held = load_prompts(cfg)
     for s, recs in ((scorer, train), (eval_scorer, held)):  # e.g. every SQL prompt's database
-        if hasattr(s, "check") and recs:
+        if recs:
             s.check(recs)
     builtin = train if cfg.data.train.startswith("builtin:") else None
     from tao_fast.models import load_model
@@ -229,7 +223,7 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
     policy.update(engine=engine, tokenizer=tok)
     if engine.lockstep:
         for where, s in (("scoring.scorer", scorer), ("eval.scorer", eval_scorer)):
-            if _judges_with_policy(s):
+            if s.uses_policy:
                 raise ConfigError(
                     f"{where}: a judge on the policy model under vLLM data parallelism "
                     f"({dist_.world_size() // cfg.rollout.tensor_parallel} engines): vLLM's "
@@ -300,7 +294,7 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
                 if i not in encoded:
                     encoded[i] = encode_prompt(pool[i], tok, ro.strategy, cfg.data.system_prompt)
             # under torchrun each rank samples and scores a slice; every rank gets the whole
-            rollouts, scores, gen_s, score_s = dist_.generate_and_score(
+            rollouts, scores, gen_s, score_s = generate_and_score(
                 engine, scorer, [encoded[i] for i in idx], recs,
                 SamplingParams.from_config(ro, seed=cfg.run.seed * 1_000_003 + gstep),
                 progress=cfg.run.progress)
