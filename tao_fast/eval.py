@@ -121,10 +121,11 @@ def evaluate(model, prompts, scorer, cfg: TaoConfig | None = None, *, sampled: b
 def _answer_and_score(engine, scorer, select, recs, ids, sampling, progress):
     """(texts [P][k], response lengths [P][k], scores): k = sampling.n, or 1 after best-of-N."""
     from tao_fast.rl import distributed as dist_
+    from tao_fast.rl.rollout_shards import generate_and_score
 
     if select is None and dist_.active():  # under torchrun: each engine answers and scores
         # a slice, and every rank gets the whole result (as a training step's rollouts)
-        ro, res, _, _ = dist_.generate_and_score(engine, scorer, ids, recs, sampling, progress)
+        ro, res, _, _ = generate_and_score(engine, scorer, ids, recs, sampling, progress)
         return ro.texts, [[len(t) for t in g] for g in ro.token_ids], res
     ro = engine.generate(ids, sampling, progress=progress)
     texts, lens = ro.texts, [[len(t) for t in g] for g in ro.token_ids]  # [P][N]

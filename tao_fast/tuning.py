@@ -41,6 +41,7 @@ from tao_fast.profiling.trace import phase
 from tao_fast.rl import distributed as dist_
 from tao_fast.rl.advantages import group_advantages
 from tao_fast.rl.metrics import rollout_metrics
+from tao_fast.rl.rollout_shards import generate_and_score
 from tao_fast.rl.state import ResumeState, latest_state, load_state, save_state
 from tao_fast.rl.trainer import Learner, samples_from_rollouts
 from tao_fast.rollout import SamplingParams, build_engine
@@ -92,12 +93,6 @@ def run_config(config, overrides, resume) -> tuple[TaoConfig, Path]:
     return cfg, run_dir
 
 
-def _uses_policy(s):  # MERGE: scorer.uses_policy
-    if getattr(s, "model_spec", None) == "policy":
-        return True
-    return any(_uses_policy(p.scorer) for p in getattr(s, "parts", ()))
-
-
 class TaoRecipe:
     """One TAO run (see the module docstring for the order of its parts)."""
 
@@ -142,7 +137,7 @@ class TaoRecipe:
                             if cfg.eval.scorer else self.scorer)
         self.train_prompts, self.held_out = load_prompts(cfg.data, cfg.run.seed)
         for s, recs in ((self.scorer, self.train_prompts), (self.eval_scorer, self.held_out)):
-            if recs and hasattr(s, "check"):  # MERGE
+            if recs:
                 s.check(recs)
         self.builtin = self.train_prompts if cfg.data.train.startswith("builtin:") else None
 
@@ -213,7 +208,7 @@ class TaoRecipe:
 
     def _refuse_policy_judge_under_dp(self) -> None:
         for where, s in (("scoring.scorer", self.scorer), ("eval.scorer", self.eval_scorer)):
-            if _uses_policy(s):  # MERGE
+            if s.uses_policy:
                 tp = self.cfg.rollout.tensor_parallel
                 raise ConfigError(
                     f"{where}: a judge on the policy model under vLLM data parallelism "
@@ -289,7 +284,7 @@ class TaoRecipe:
         recs, ids = self.next_batch()
         sampling = SamplingParams.from_config(cfg.rollout, seed=cfg.run.seed * 1_000_003 + gstep)
         # under torchrun each rank samples and scores a slice; every rank gets the whole
-        rollouts, scores, gen_s, score_s = dist_.generate_and_score(
+        rollouts, scores, gen_s, score_s = generate_and_score(
             self.engine, self.scorer, ids, recs, sampling, progress=self.progress)
         if gstep == self.kill_at:
             os.kill(os.getpid(), SIGKILL)

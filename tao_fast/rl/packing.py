@@ -1,10 +1,12 @@
 """Packing RL sequences into token-budget micro-batches, and the loss weights that go with it.
 
-`pack_sequences` decides which sequences share a micro-batch; `make_packed_batch` lays one
-micro-batch out for varlen attention (input_ids [T], positions restarting at 0 per sequence,
-cu_seqlens, max_seqlen); `pack_per_token` lays per-token floats (advantages, old log-probs,
-masks) out the same way; `microbatch_agg` says how to aggregate a micro-batch's loss so that
-the sum over micro-batches equals the loss of the whole batch.
+`balance_tokens` deals a global batch's sequences to the ranks by tokens (every rank computes
+the same deal, then packs its share); `pack_sequences` decides which sequences share a
+micro-batch; `make_packed_batch` lays one micro-batch out for varlen attention (input_ids [T],
+positions restarting at 0 per sequence, cu_seqlens, max_seqlen); `pack_per_token` lays
+per-token floats (advantages, old log-probs, masks) out the same way; `microbatch_agg` says how
+to aggregate a micro-batch's loss so that the sum over micro-batches equals the loss of the
+whole batch.
 """
 from __future__ import annotations
 
@@ -107,6 +109,20 @@ def pack_sequences(lengths: Sequence[int], token_budget: int) -> list[list[int]]
     bins.sort(key=lambda b: (-sum(lengths[i] for i in b), b[0]))
     return bins
 
+
+
+def balance_tokens(lengths: Sequence[int], world: int) -> list[list[int]]:
+    """Deal sequences to `world` ranks, longest first to the rank with the fewest tokens so far
+    (LPT; ties: lowest rank), so ranks get about the same number of *tokens*, not sequences.
+    Deterministic: every rank computes the same assignment from the same lengths.
+    Returns, per rank, the sorted indices into `lengths`."""
+    loads = [0] * world
+    out: list[list[int]] = [[] for _ in range(world)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = min(range(world), key=lambda r: (loads[r], r))
+        out[r].append(i)
+        loads[r] += lengths[i]
+    return [sorted(x) for x in out]
 
 @dataclass
 class PackedBatch:

@@ -141,7 +141,7 @@ def load_state(path: Path, model, opt, sched) -> dict:
                           f"({len(weights)} saved, {len(params)} in the model)")
     opt_state = _optimizer_join(load_file(str(path / "optimizer.safetensors")),
                                 state["optimizer"])
-    from tao_fast.rl.distributed import is_sharded, load_full_state
+    from tao_fast.rl.fsdp import is_sharded, load_full_state
 
     if is_sharded(model):  # FSDP2 shards
         load_full_state(model, opt, weights, opt_state)

@@ -19,11 +19,13 @@ import torch
 from tqdm.auto import tqdm
 
 from tao_fast import ops
-from tao_fast.rl import distributed as dist_
 from tao_fast.config import RLConfig
 from tao_fast.kernels.reference import IGNORE_INDEX
 from tao_fast.models.llama import Transformer
-from tao_fast.rl.packing import make_packed_batch, microbatch_agg, pack_sequences, pack_per_token
+from tao_fast.rl import distributed as dist_
+from tao_fast.rl import fsdp
+from tao_fast.rl.packing import (balance_tokens, make_packed_batch, microbatch_agg,
+                                 pack_per_token, pack_sequences)
 
 
 @dataclass
@@ -77,9 +79,9 @@ class Learner:
         # under torchrun: DDP (a replica per rank, gradients summed in one all-reduce) or FSDP2
         self.parallel = None
         if dist_.world_size() > 1:
-            self.parallel = dist_.choose_parallel(cfg.parallel, model, cfg.micro_batch_tokens)
+            self.parallel = fsdp.choose_parallel(cfg.parallel, model, cfg.micro_batch_tokens)
             if self.parallel == "fsdp":
-                dist_.fully_shard_model(model)
+                fsdp.fully_shard_model(model)
         # FSDP: whole weights for a rollout engine that needs them, made by full_model() on
         # first use, in the rollout dtype (a colocated vLLM of that dtype takes it over as its
         # own weights: one bf16 copy per rank, as tao_fast/rl/memory.py plans); a vLLM TP
@@ -109,16 +111,31 @@ class Learner:
             targets = torch.tensor([0, IGNORE_INDEX], device=dev)
             (self._logprobs(self.model, batch, targets).sum() * 0.0).backward()
 
+    def _gather_into(self, dest: dict[str, torch.Tensor] | None) -> None:
+        """Every parameter's whole value (named_full_parameters) copied into dest[name], which
+        must name every parameter; dest None: this rank joins the gathers and keeps nothing.
+        Under FSDP a collective (one all-gather per parameter): call it on every rank."""
+        seen = set()
+        with torch.no_grad():
+            for name, t in self.named_full_parameters():
+                if dest is not None:
+                    dest[name].copy_(t)
+                    seen.add(name)
+        if dest is not None and seen != set(dest):
+            raise RuntimeError(f"gathered weights: no value for {sorted(set(dest) - seen)[:4]}")
+
     def checkpoint_model(self) -> Transformer | None:
         """The model to write as a checkpoint, in the learner's own dtype: the model itself, or
         under FSDP one assembled in host memory on rank 0 from the gathered shards (None on
-        the other ranks). A collective: call it on every rank."""
+        the other ranks). Under FSDP a collective: call it on every rank."""
         if self.parallel != "fsdp":
             return self.model
-        main = dist_.is_main()
-        whole = {n: t.to("cpu", copy=True) for n, t in dist_.full_named_parameters(self.model)
-                 if main}  # every rank runs every gather; rank 0 keeps the tensors
-        if not main:
+        whole = None  # every rank runs every gather; rank 0 keeps the tensors
+        if dist_.is_main():
+            whole = {n: torch.empty(p.shape, dtype=p.dtype, device="cpu")
+                     for n, p in self.model.named_parameters()}
+        self._gather_into(whole)
+        if whole is None:
             return None
         with torch.device("meta"):
             out = Transformer(self.model.args)
@@ -131,7 +148,8 @@ class Learner:
 
     def full_model(self) -> Transformer:
         """The model with whole weights for the rollout engine: the model itself, or under
-        FSDP the replica (rollout dtype) refreshed from the shards (a collective)."""
+        FSDP the replica (rollout dtype) refreshed from the shards, a collective: call it on
+        every rank."""
         if self.parallel != "fsdp":
             return self.model
         if self._replica is None:
@@ -142,25 +160,23 @@ class Learner:
             rep = rep.to(self._replica_dtype).to_empty(device=dist_.device())
             rep.ops_backend = self.model.ops_backend
             self._replica = rep.requires_grad_(False)
-        params = dict(self._replica.named_parameters())
-        with torch.no_grad():
-            for name, t in dist_.full_named_parameters(self.model):
-                params[name].copy_(t)
+        self._gather_into(dict(self._replica.named_parameters()))
         return self._replica
 
     def full_state(self) -> dict:
         """Under FSDP, the whole model and optimizer state gathered to rank 0 (CPU), in the
         1-rank format (optimizer state keyed by parameter index), as keyword arguments for
-        rl.state.save_state; {} otherwise. A collective: call it on every rank."""
+        rl.state.save_state; {} otherwise. Under FSDP a collective: call it on every rank."""
         if self.parallel != "fsdp":
             return {}
-        return dist_.full_state(self.model, self.opt)
+        return fsdp.full_state(self.model, self.opt)
 
     def named_full_parameters(self):
         """(name, full tensor) of every parameter: the model's own under DDP or on one
-        process; gathered from the shards under FSDP (a collective: call it on every rank)."""
+        process; gathered from the shards under FSDP, a collective: every rank must iterate it
+        to the end, in the same order (each parameter is one all-gather)."""
         if self.parallel == "fsdp":
-            return dist_.full_named_parameters(self.model)
+            return fsdp.full_named_parameters(self.model)
         return self.model.named_parameters()
 
     def step(self, samples: list[Sample]) -> dict:
@@ -174,7 +190,7 @@ class Learner:
         n_counted = sum(s.num_response_tokens for s in samples)
         world = dist_.world_size()
         if world > 1:  # every rank holds the same global batch; each trains its token share
-            share = dist_.balance_tokens([len(s.ids) for s in samples], world)[dist_.rank()]
+            share = balance_tokens([len(s.ids) for s in samples], world)[dist_.rank()]
             global_samples, samples = samples, [samples[i] for i in share]
         bins = pack_sequences([len(s.ids) for s in samples], cfg.micro_batch_tokens)
         n_global = len(global_samples) if world > 1 else len(samples)
@@ -237,7 +253,7 @@ class Learner:
                 totals[k] = v
             n_tokens, n_bins = int(red[-2]), int(red[-1])
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        grad_norm = dist_.full_tensor(grad_norm)  # FSDP: a DTensor
+        grad_norm = fsdp.full_tensor(grad_norm)  # FSDP: a DTensor
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
+from tao_fast.scoring.base import ScoreResult, Scorer
+
 _WORD_VALUES = {w: i for i, w in enumerate(
     ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
      "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
@@ -85,12 +87,10 @@ def final_number(response: str) -> Fraction | None:
     return Fraction(found[-1].replace(",", "")) if found else None
 
 
-class ArithmeticVerifier:
+class ArithmeticVerifier(Scorer):
     name = "arithmetic"
 
     def score(self, prompts, candidates):
-        from tao_fast.scoring import ScoreResult
-
         rewards, details = [], []
         for rec, group in zip(prompts, candidates):
             truth = solve(rec.text)

@@ -35,8 +35,9 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import tao_fast.scoring.sandbox as sandbox
 from tao_fast.config import ConfigError
-from tao_fast.scoring import ScoreResult, sandbox
+from tao_fast.scoring.base import ScoreResult, Scorer
 
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
@@ -111,7 +112,7 @@ def pool_size() -> int:
     return min(4, max(2, (os.cpu_count() or 2) // 2))
 
 
-class CodeExecScorer:
+class CodeExecScorer(Scorer):
     def __init__(self, *, tests_field: str = "tests", tests: str = "", reward: str = "fraction",
                  name: str = "code", site_packages: bool = False, timeout_s: float = 10.0,
                  memory_mb: int = 1024, failure_value: float = 0.0, base_dir="."):

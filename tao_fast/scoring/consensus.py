@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from collections import Counter
 
-from tao_fast.scoring import ScoreResult
+from tao_fast.scoring.base import ScoreResult, Scorer
 from tao_fast.scoring.extract import canonical, extract_answer
 
 
-class ConsensusScorer:
+class ConsensusScorer(Scorer):
     def __init__(self, extract: str = "last_number", min_share: float = 0.0,
                  reward: str = "binary", no_majority_value: float = 0.0,
                  name: str = "consensus"):

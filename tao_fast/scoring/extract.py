@@ -1,4 +1,5 @@
-"""Answer extraction, shared by the rules and the consensus vote.
+"""Answer extraction, shared by the rules and the consensus vote, and the candidate's JSON value
+(`parse_json_candidate`, for the json / json_schema rules and the json:KEY extractor).
 
 An extractor spec is one of:
     last_number      the last number written in digits ("so 17+25 = 42" -> "42")
@@ -20,6 +21,13 @@ _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?")
 _ANSWER_PREFIX = re.compile(r"^\s*(?:final\s+answer|answer|result)\s*[:=]\s*", re.I)
 _ANSWER_TAG = re.compile(r"(?:final\s+answer|answer)\s*[:=]\s*(.+)", re.I)
 _KINDS = ("last_number", "boxed", "final_line", "answer_tag", "whole")
+_JSON_BLOCK = re.compile(r"```(?:json)?\s*\n(.*?)```", re.S)
+
+
+def parse_json_candidate(text: str):
+    """The candidate's JSON value: its last ```json block if it has one, else the whole text."""
+    blocks = _JSON_BLOCK.findall(text)
+    return json.loads(blocks[-1] if blocks else text.strip())
 
 
 def _boxed(text: str) -> str | None:
@@ -48,8 +56,6 @@ def extract_answer(text: str, spec: str = "last_number") -> str | None:
         m = found[-1]
         return (m.group(1) if m.groups() else m.group(0)).strip()
     if spec.startswith("json:"):
-        from tao_fast.scoring.rules import parse_json_candidate
-
         try:
             value = parse_json_candidate(text)
         except (json.JSONDecodeError, RecursionError):

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from tao_fast.data.prompts import PromptRecord
-from tao_fast.scoring import ScoreResult
+from tao_fast.scoring.base import ScoreResult, Scorer
 
 TEMPLATES = {
     "pointwise": (
@@ -80,7 +80,7 @@ def parse_choice(reply: str) -> str | None:
     return m.group(1).upper() if m else None
 
 
-class JudgeScorer:
+class JudgeScorer(Scorer):
     def __init__(self, mode: str = "pointwise", model: str = "policy", template: str = "",
                  rubric: str = DEFAULT_RUBRIC, max_tokens: int = 24, both_orders: bool = True,
                  max_response_chars: int = 4000, name: str = "judge",
@@ -113,6 +113,11 @@ class JudgeScorer:
         self.max_chars, self.base_dir = max_response_chars, Path(base_dir)
         self.name, self.failure_value = name, failure_value
         self._policy_engine, self.engine, self.tokenizer = policy_engine, engine, tokenizer
+
+    @property
+    def uses_policy(self) -> bool:
+        """A judge on the policy being tuned (model="policy") asks the run's own engine."""
+        return self.model_spec == "policy"
 
     def _resolve(self):
         if self.engine is not None:

@@ -17,7 +17,8 @@ passed through, so the run's metrics count failures per scorer.
 from __future__ import annotations
 
 from tao_fast.config import ConfigError
-from tao_fast.scoring import ScoreResult
+from tao_fast.scoring.base import ScoreResult, Scorer
+from tao_fast.scoring.build import build_scorer
 
 _PART_KEYS = {"scorer", "weight", "gate", "threshold", "normalize"}
 _NORMS = ("none", "group", "minmax", "rank")
@@ -52,11 +53,12 @@ class Part:
         self.name = scorer.name
 
 
-class MixScorer:
+class MixScorer(Scorer):
+    """parts: Part objects, or mappings {scorer: a Scorer or a spec, weight, gate, threshold,
+    normalize} (a spec is built with build_scorer, in `ctx`, its errors naming `where`)."""
+
     def __init__(self, parts: list, gate_fail_value: float = 0.0, name: str = "mix",
                  ctx=None, where: str = "scoring.scorer"):
-        from tao_fast.scoring import build_scorer
-
         if not isinstance(parts, list) or not parts:
             raise ValueError("`parts` must be a non-empty list of {scorer: ..., weight: ...}")
         self.parts: list[Part] = []
@@ -71,7 +73,7 @@ class MixScorer:
                     raise ConfigError(f"{here}: unknown key {sorted(set(spec) - _PART_KEYS)[0]!r}"
                                       f" (keys: {sorted(_PART_KEYS)})")
                 sub = spec["scorer"]
-                scorer = sub if hasattr(sub, "score") else \
+                scorer = sub if isinstance(sub, Scorer) else \
                     build_scorer(sub, ctx, where=f"{here}.scorer")
                 try:
                     part = Part(scorer, **{k: v for k, v in spec.items() if k != "scorer"})
@@ -85,10 +87,15 @@ class MixScorer:
             raise ValueError("every part is a zero-weight gate: nothing would be scored")
         self.gate_fail_value, self.name = float(gate_fail_value), name
 
+    @property
+    def uses_policy(self) -> bool:
+        """Whether any part asks the policy's own engine (a judge on the policy)."""
+        return any(p.scorer.uses_policy for p in self.parts)
+
     def check(self, prompts) -> None:
+        """Every part's check, in order (the first ConfigError stops)."""
         for p in self.parts:
-            if hasattr(p.scorer, "check"):
-                p.scorer.check(prompts)
+            p.scorer.check(prompts)
 
     def score(self, prompts, candidates) -> ScoreResult:
         P = len(candidates)

@@ -16,7 +16,7 @@ import resource
 import subprocess
 import sys
 
-from tao_fast.scoring import ScoreResult, failed_batch
+from tao_fast.scoring.base import ScoreResult, Scorer, failed_batch
 
 
 def _limits(cpu_s: int, mem_mb: int):
@@ -27,7 +27,7 @@ def _limits(cpu_s: int, mem_mb: int):
     return apply
 
 
-class PythonFunctionScorer:
+class PythonFunctionScorer(Scorer):
     def __init__(self, spec: str, *, failure_value: float = 0.0, timeout_s: float = 60.0,
                  memory_mb: int = 2048):
         parts = spec.split(":")

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tao_fast.scoring import ScoreResult, failed_batch
+from tao_fast.scoring.base import ScoreResult, Scorer, failed_batch
 
 
-class RewardModelScorer:
+class RewardModelScorer(Scorer):
     def __init__(self, path: str, batch_size: int = 16, max_length: int = 2048, label: int = 1,
                  device: str = "auto", dtype: str = "auto", name: str = "reward_model",
                  failure_value: float = 0.0, base_dir: Path | str = "."):

@@ -19,8 +19,8 @@ import re
 from fractions import Fraction
 from pathlib import Path
 
-from tao_fast.scoring import score_each
-from tao_fast.scoring.extract import extract_answer, parse_fraction
+from tao_fast.scoring.base import Scorer, score_each
+from tao_fast.scoring.extract import extract_answer, parse_fraction, parse_json_candidate
 
 
 def _compile(pattern: str, flags: str = ""):
@@ -33,7 +33,7 @@ def _compile(pattern: str, flags: str = ""):
         raise ValueError(f"bad regex {pattern!r}: {e}") from None
 
 
-class _Rule:
+class _Rule(Scorer):
     name = "rule"
     failure_value = 0.0
 
@@ -106,15 +106,6 @@ class NumericScorer(_Rule):
         ok = got is not None and abs(got - expected) <= max(
             Fraction(self.abs_tol), Fraction(self.rel_tol) * abs(expected))
         return float(ok), {"found": None if got is None else str(got), "expected": str(expected)}
-
-
-_JSON_BLOCK = re.compile(r"```(?:json)?\s*\n(.*?)```", re.S)
-
-
-def parse_json_candidate(text: str):
-    """The candidate's JSON value: its last ```json block if it has one, else the whole text."""
-    blocks = _JSON_BLOCK.findall(text)
-    return json.loads(blocks[-1] if blocks else text.strip())
 
 
 class JsonScorer(_Rule):

@@ -37,8 +37,9 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import tao_fast.scoring.sandbox as sandbox
 from tao_fast.config import ConfigError
-from tao_fast.scoring import ScoreResult, sandbox
+from tao_fast.scoring.base import ScoreResult, Scorer
 from tao_fast.scoring.code_exec import last_fence, pool_size
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -93,7 +94,7 @@ def _run_queries(payload, emit):
             emit({"ok": False, "err": msg, "timed_out": str(e) == "interrupted"})
 
 
-class SqlExecScorer:
+class SqlExecScorer(Scorer):
     def __init__(self, *, dialect: str = "sqlite", db_field: str = "db", db_dir: str = "",
                  reward: str = "vote", max_rows: int = 10_000, name: str = "sql",
                  timeout_s: float = 10.0, memory_mb: int = 1024, failure_value: float = 0.0,

@@ -1,6 +1,6 @@
-"""Data-parallel tuning under torchrun, on the CPU with gloo and 2 processes: the split of
-prompts and tokens, a 2-rank learner step equal to the 1-rank one, a dead peer failing fast,
-and (slow) a 2-rank `tao-fast tune` whose loss/reward curve and weights match a 1-rank run,
+"""Data-parallel tuning under torchrun, on the CPU with gloo and 2 processes: sampling that
+does not depend on the prompt split, a 2-rank learner step equal to the 1-rank one, a dead
+peer failing fast, rollout slices gathered whole, and (slow) a 2-rank `tao-fast tune` whose loss/reward curve and weights match a 1-rank run,
 that stops within seconds when a rank is SIGKILLed and resumes to the same weights."""
 import json
 import os
@@ -19,29 +19,10 @@ from safetensors.torch import load_file
 from tao_fast.config import RLConfig
 from tao_fast.models.config import ModelArgs
 from tao_fast.models.llama import Transformer
-from tao_fast.rl import distributed
+from tao_fast.rl import distributed, fsdp, rollout_shards
 from tao_fast.rl.state import latest_state, load_state, save_state
 from tao_fast.rl.trainer import Learner, Sample
 from tao_fast.rollout import Engine
-
-
-def test_shard_range_covers_every_item_once():
-    for n in range(0, 9):
-        for world in (1, 2, 3, 4):
-            parts = [distributed.shard_range(n, world, r) for r in range(world)]
-            items = [i for lo, hi in parts for i in range(lo, hi)]
-            assert items == list(range(n))  # contiguous, in order: groups stay whole
-            sizes = [hi - lo for lo, hi in parts]
-            assert max(sizes) - min(sizes) <= 1
-
-
-def test_balance_tokens_balances_tokens_not_sequences():
-    lengths = [100, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10]  # one long, ten short
-    a, b = distributed.balance_tokens(lengths, 2)
-    assert sorted(a + b) == list(range(len(lengths)))
-    loads = sorted(sum(lengths[i] for i in part) for part in (a, b))
-    assert loads == [100, 100]  # 1 sequence vs 10: equal tokens, not equal counts
-    assert distributed.balance_tokens(lengths, 2) == [a, b]  # deterministic on every rank
 
 
 class _Tok:  # what TorchEngine needs of a tokenizer
@@ -71,10 +52,10 @@ def test_sampling_does_not_depend_on_the_prompt_split():
 
 def test_auto_parallel_picks_fsdp_when_a_replica_does_not_fit():
     model = _tiny_model()
-    assert distributed.choose_parallel("auto", model, 4096) == "ddp"  # CPU: no limit known
-    assert distributed.choose_parallel("fsdp", model, 4096) == "fsdp"
-    assert distributed.choose_parallel("auto", model, 4096, device_bytes=1 << 34) == "ddp"
-    assert distributed.choose_parallel("auto", model, 4096, device_bytes=1 << 20) == "fsdp"
+    assert fsdp.choose_parallel("auto", model, 4096) == "ddp"  # CPU: no limit known
+    assert fsdp.choose_parallel("fsdp", model, 4096) == "fsdp"
+    assert fsdp.choose_parallel("auto", model, 4096, device_bytes=1 << 34) == "ddp"
+    assert fsdp.choose_parallel("auto", model, 4096, device_bytes=1 << 20) == "fsdp"
 
 
 def _free_port() -> int:
@@ -118,9 +99,14 @@ def _worker(rank, world, port, out_dir, parallel, skew):
     stats = [learner.step(batch) for _ in range(2)]
     weights = {k: v.detach().clone() for k, v in learner.named_full_parameters()}
     full = learner.full_state()  # FSDP: gathered to rank 0; every rank takes part
+    whole = learner.checkpoint_model()  # FSDP: assembled on rank 0 alone
+    replica = learner.full_model()  # FSDP: the whole-weight replica on every rank
+    assert (whole is None) == (rank == 1 and parallel == "fsdp")
     if rank == 0:
         save_state(out_dir, 2, learner.model, learner.opt, learner.sched, {}, **full)
-        torch.save({"stats": stats, "weights": weights},
+        copies = {name: {k: v.detach().clone() for k, v in m.named_parameters()}
+                  for name, m in (("checkpoint", whole), ("replica", replica))}
+        torch.save({"stats": stats, "weights": weights, **copies},
                    os.path.join(out_dir, "dist.pt"))
     distributed.shutdown()
 
@@ -149,6 +135,9 @@ def test_two_rank_learner_step_equals_one_rank(tmp_path, parallel, skew):
         assert b["micro_batches"] >= 2
     for k, v in one.model.state_dict().items():
         torch.testing.assert_close(got["weights"][k], v, rtol=1e-5, atol=1e-6)
+    for k, v in got["weights"].items():  # the checkpoint and the replica: the same gathers
+        assert torch.equal(got["checkpoint"][k], v) and torch.equal(got["replica"][k], v), k
+    assert set(got["checkpoint"]) == set(got["replica"]) == set(got["weights"])
     assert any(not torch.equal(v, _tiny_model().state_dict()[k])
                for k, v in one.model.state_dict().items())  # the steps did move the weights
     # the 2-rank state (gathered from the FSDP shards) is a 1-rank state: one process resumes
@@ -224,7 +213,7 @@ def _gather_worker(rank, world, port, out_dir):
     distributed.init(timeout_s=60)
     for n_prompts in (3, 1):
         prompts = [[10 + i] for i in range(n_prompts)]
-        ro, sc, _, _ = distributed.generate_and_score(
+        ro, sc, _, _ = rollout_shards.generate_and_score(
             _EchoEngine(), _LenScorer(), prompts, [None] * n_prompts,
             SamplingParams(n=2, seed=1, prompt_index=0))
         with open(os.path.join(out_dir, f"n{n_prompts}-r{rank}.json"), "w") as f:

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tao_fast import ops
-from tao_fast.rl.packing import (make_packed_batch, microbatch_agg, n_counted_seqs,
-                                 pack_per_token, pack_sequences, unpack)
+from tao_fast.rl.packing import (balance_tokens, make_packed_batch, microbatch_agg,
+                                 n_counted_seqs, pack_per_token, pack_sequences, unpack)
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
@@ -67,6 +67,15 @@ def test_pack_sequences_examples_and_errors():
         pack_sequences([1, 2], 0)
     with pytest.raises(ValueError):
         pack_sequences([1, -2], 5)
+
+
+def test_balance_tokens_balances_tokens_not_sequences():
+    lengths = [100, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10]  # one long, ten short
+    a, b = balance_tokens(lengths, 2)
+    assert sorted(a + b) == list(range(len(lengths)))
+    loads = sorted(sum(lengths[i] for i in part) for part in (a, b))
+    assert loads == [100, 100]  # 1 sequence vs 10: equal tokens, not equal counts
+    assert balance_tokens(lengths, 2) == [a, b]  # deterministic on every rank
 
 
 def test_make_packed_batch_layout():

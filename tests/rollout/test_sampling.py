@@ -93,7 +93,7 @@ def test_from_config_seed(engine):
 
 def test_from_config_prompt_index_makes_samples_independent_of_the_split(engine):
     """prompt_index=0: the slices two ranks sample (their prompt_index set to their start, as
-    distributed.generate_and_score does) are the whole list's samples; without it they are not."""
+    rollout_shards.generate_and_score does) are the whole list's samples; without it they are not."""
     engine = TorchEngine(engine.model, engine.tokenizer, max_batch_rows=3)  # one prompt a chunk
     sp = SamplingParams.from_config(RolloutConfig(n=3, max_tokens=5), seed=7)
     assert sp.prompt_index == 0

@@ -52,6 +52,7 @@ def test_reward_model_batched_equals_one_by_one(tiny_rm):
             got = res.rewards[prompts.index(p)][c]
             assert abs(got - want) < 1e-4 * max(1.0, abs(want)), (text, got, want)
     assert res.num_failures == 0 and len(set(r for g in res.rewards for r in g)) == 5
+    assert not rm.uses_policy and rm.check(prompts) is None  # the Scorer protocol's defaults
 
 
 def test_reward_model_refuses_pickle_only_dirs(tmp_path):
@@ -107,6 +108,7 @@ def test_judge_loads_its_own_model_and_reports_what_it_said():
                           "max_tokens": 8})
     res = judge.score([rec("Say hi.")], [["Hi!", "Goodbye."]])
     assert all("judge_reply" in d or "error" in d for d in res.details[0])
+    assert not judge.uses_policy  # its own model, not the policy's engine
     with pytest.raises(ConfigError, match="placeholder"):
         build_scorer({"type": "judge", "model": "embedded", "template": "no slots {prompt}"})
 

@@ -202,6 +202,20 @@ def test_duplicate_part_names_are_kept_apart():
     assert res.rewards == [[1.0]]
 
 
+
+def test_score_results_of_slices_concatenate():
+    """Slices of 2, 1 and 0 prompts: groups in order, failures summed per scorer, each stat the
+    prompt-weighted mean of the slices that report it."""
+    a = ScoreResult([[1.0, 0.0], [0.5]], [[{"a": 1}, {}], [{}]], {"x": 1, "y": 2},
+                    {"m/rate": 0.5, "m/only_a": 1.0})
+    b = ScoreResult([[2.0]], [[{"b": 1}]], {"x": 3}, {"m/rate": 0.8})
+    got = ScoreResult.concat([a, b, ScoreResult([], [])])
+    assert got.rewards == [[1.0, 0.0], [0.5], [2.0]]
+    assert got.details == [[{"a": 1}, {}], [{}], [{"b": 1}]]
+    assert got.failures == {"x": 4, "y": 2} and got.num_failures == 6
+    assert got.stats == {"m/rate": pytest.approx((2 * 0.5 + 1 * 0.8) / 3), "m/only_a": 1.0}
+    assert ScoreResult.concat([]).rewards == [] and ScoreResult.concat([]).stats == {}
+
 # ---- judge parsers ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("reply,want", [
@@ -220,3 +234,72 @@ def test_parse_ranking_and_choice():
     assert parse_ranking("no idea", 3) is None
     assert [parse_choice(s) for s in ("Better: B", "Response A is better", "A", "both")] == \
         ["B", "A", "A", None]
+
+
+# ---- the Scorer protocol: every built-in scorer has uses_policy and check --------------
+
+def _policy():  # the run's (engine, tokenizer); never called: building a judge does not ask
+    raise AssertionError("a judge asked for the policy's engine while being built")
+
+
+OTHER_JUDGE = {"type": "judge", "model": "judge-model", "engine": object(), "tokenizer": object()}
+# spec type -> (spec, uses_policy); reward_model: tests/scoring/test_model_scorers.py
+PROTOCOL_SPECS = {
+    "arithmetic": ("arithmetic", False), "random": ("random", False),
+    "python": ("python:{dir}/user_fn.py:length", False),
+    "regex": ({"type": "regex", "pattern": "x"}, False), "exact": ({"type": "exact"}, False),
+    "numeric": ({"type": "numeric"}, False), "json": ("json", False),
+    "json_schema": ({"type": "json_schema", "schema": {"type": "object"}}, False),
+    "length": ("length", False), "phrases": ({"type": "phrases", "required": ["a"]}, False),
+    "consensus": ("consensus", False), "code": ("code", False), "sql": ("sql", False),
+    "judge": ({"type": "judge"}, True),
+    "mix": ({"type": "mix", "parts": [{"scorer": "json", "gate": True},
+                                      {"scorer": {"type": "judge"}}]}, True),
+}
+
+
+def test_every_scorer_type_is_covered_and_subclasses_the_protocol():
+    from tao_fast.scoring import Scorer
+    from tao_fast.scoring.build import SCORER_TYPES, scorer_class
+
+    assert set(PROTOCOL_SPECS) | {"reward_model"} == set(SCORER_TYPES)
+    for kind in SCORER_TYPES:
+        assert Scorer in scorer_class(kind).__mro__, kind  # subclassed, so the defaults apply
+
+
+@pytest.mark.parametrize("kind", sorted(PROTOCOL_SPECS))
+def test_uses_policy_and_check_on_every_builtin_scorer(kind, tmp_path):
+    from tao_fast.scoring import Scorer, ScorerContext
+
+    (tmp_path / "user_fn.py").write_text(
+        "def length(prompt, candidates):\n    return [float(len(c)) for c in candidates]\n")
+    (tmp_path / "shop.sqlite").write_bytes(b"")  # check() asks only that the file exists
+    spec, uses_policy = PROTOCOL_SPECS[kind]
+    if isinstance(spec, str):
+        spec = spec.format(dir=tmp_path)
+    scorer = build_scorer(spec, ScorerContext(base_dir=tmp_path, policy_engine=_policy))
+    assert isinstance(scorer, Scorer)
+    assert scorer.uses_policy is uses_policy
+    assert scorer.check([rec(tests="assert True", db="shop.sqlite")]) is None
+
+
+def test_uses_policy_follows_the_judges_model_through_nested_mixes():
+    from tao_fast.scoring import ScorerContext
+
+    ctx = ScorerContext(policy_engine=_policy)
+    assert not build_scorer(OTHER_JUDGE, ctx).uses_policy  # a judge with its own model
+    own = {"type": "mix", "parts": [{"scorer": "json"}, {"scorer": OTHER_JUDGE}]}
+    assert not build_scorer(own, ctx).uses_policy
+    nested = {"type": "mix", "parts": [{"scorer": "length"}, {"scorer": {
+        "type": "mix", "parts": [{"scorer": "consensus"}, {"scorer": {"type": "judge"}}]}}]}
+    assert build_scorer(nested, ctx).uses_policy
+
+
+def test_a_mix_checks_every_part(tmp_path):
+    """A SQL part inside a mix checks its databases before any generation, as it would alone."""
+    mix = build_scorer({"type": "mix", "parts": [{"scorer": "json", "gate": True},
+                                                 {"scorer": "sql"}]}, base_dir=tmp_path)
+    (tmp_path / "shop.sqlite").write_bytes(b"")
+    mix.check([rec(db="shop.sqlite")])
+    with pytest.raises(ConfigError, match="prompt 0: database .*nope.sqlite does not exist"):
+        mix.check([rec(db="nope.sqlite")])

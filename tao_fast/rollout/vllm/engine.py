@@ -14,7 +14,7 @@ The weight-sync paths (alias / cast / reload, `engine.sync_path`) are in weights
 paths (`engine.sleep_path`: cuda-kv-cache / cpu-kv-free / none) in kv.py. Under torchrun
 (tao_fast.rl.distributed active) the engine uses vLLM's external launcher: each rank is one vLLM
 worker in torchrun's process group. `rollout.tensor_parallel` ranks make one engine (TP shards;
-they must get the same prompts, see distributed.generate_and_score) and the world /
+they must get the same prompts, see rl/rollout_shards.generate_and_score) and the world /
 tensor_parallel engines are vLLM's data parallelism. vLLM's own log level defaults to ERROR
 here (VLLM_LOGGING_LEVEL overrides).
 """
@@ -34,6 +34,7 @@ from tao_fast.dtypes import torch_dtype
 from tao_fast.models.config import SUPPORTED_ARCHS
 from tao_fast.profiling.memory import PeakMemory
 from tao_fast.rl import distributed as dist_
+from tao_fast.rl import fsdp
 from tao_fast.rollout.protocol import (
     Engine,
     Rollouts,
@@ -90,7 +91,7 @@ class VllmEngine(Engine):
         self._attach(kv_kind)
         # resumed / non-disk weights go in now; a sharded (FSDP) learner, which only a TP
         # engine gets (reload sync), is gathered one tensor at a time (every rank is here)
-        self.load_weights(dist_.full_named_parameters(learner) if dist_.is_sharded(learner)
+        self.load_weights(fsdp.full_named_parameters(learner) if fsdp.is_sharded(learner)
                           else learner.named_parameters())
 
     def _attach(self, kv_kind: type[kv.KvSleep]) -> None:
