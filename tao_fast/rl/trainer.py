@@ -183,76 +183,23 @@ class Learner:
         """One optimizer step over `samples`; returns host-side statistics."""
         if not samples:
             raise ValueError("Learner.step needs at least one sample")
-        cfg, model = self.cfg, self.model
-        dev = model.embed_tokens.weight.device
         t0 = time.perf_counter()
-        model.train()
-        n_counted = sum(s.num_response_tokens for s in samples)
-        world = dist_.world_size()
-        if world > 1:  # every rank holds the same global batch; each trains its token share
-            share = balance_tokens([len(s.ids) for s in samples], world)[dist_.rank()]
-            global_samples, samples = samples, [samples[i] for i in share]
-        bins = pack_sequences([len(s.ids) for s in samples], cfg.micro_batch_tokens)
-        n_global = len(global_samples) if world > 1 else len(samples)
-        loss_norm = float(n_counted)  # Dr.GRPO's constant: tokens of this batch
-        agg_mode = "token-sum-norm" if cfg.algorithm == "dr-grpo" else "token-mean"
-        totals = {k: torch.zeros((), device=dev) for k in
-                  ("loss", "clip_frac", "kl", "ratio_mean", "abs_diff", "mismatch")}
-        ratio_max = torch.zeros((), device=dev)
-        n_tokens = 0
+        self.model.train()
+        plan = self._plan(samples)
+        dev = self.model.embed_tokens.weight.device
+        totals = {k: torch.zeros((), device=dev) for k in _TOTALS}
+        totals["ratio_max"] = torch.zeros((), device=dev)
         if self.parallel == "fsdp":  # every rank runs as many forwards (each all-gathers)
-            n_max = dist_.all_reduce_(torch.tensor([len(bins)], device=dev), "max",
+            n_max = dist_.all_reduce_(torch.tensor([len(plan.bins)], device=dev), "max",
                                       "micro-batch count")
-            self._pad_forwards(int(n_max), len(bins))
-        bar = tqdm(bins, desc="train", unit="mb", leave=False, disable=not self.progress)
-        for idx in bar:
-            mb = [samples[i] for i in idx]
-            batch = make_packed_batch([s.ids for s in mb], device=dev)
-            cols = [_per_token(s) for s in mb]
-            targets = pack_per_token([c[0] for c in cols], batch, dtype=torch.long).to(dev)
-            adv = pack_per_token([c[1] for c in cols], batch).to(dev)
-            sampler_lp = pack_per_token([c[2] for c in cols], batch).to(dev)
-            mask = targets != IGNORE_INDEX  # [T]
-            logp = self._logprobs(model, batch, targets)  # [T]
-            ref_lp = None
-            if self.ref is not None:
-                with torch.no_grad():
-                    ref_lp = self._logprobs(self.ref, batch, targets)
-            agg = microbatch_agg(agg_mode, global_n_tokens=n_counted, global_n_seqs=n_global,
-                                 mb_n_seqs=len(mb), loss_norm=loss_norm)
-            # One update per batch: the learner's old log-probs are its current ones (ratio 1);
-            # the sampler's log-probs enter through the truncated importance weight.
-            loss, st = ops.pg_loss(
-                logp, logp.detach(), adv, mask, ref_logp=ref_lp, kl_coef=cfg.kl_coef,
-                kl_estimator=cfg.kl_estimator, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                sampler_logp=sampler_lp, tis_cap=cfg.tis_cap, agg=agg.agg,
-                loss_norm=agg.loss_norm, cu_seqlens=batch.cu_seqlens, backend=model.ops_backend)
-            (loss * agg.weight).backward()
-            with torch.no_grad():
-                frac = sum(s.num_response_tokens for s in mb) / max(n_counted, 1)  # host count
-                totals["loss"] += loss.detach() * agg.weight
-                for k in ("clip_frac", "kl", "ratio_mean"):
-                    totals[k] += st[k] * frac
-                ratio_max = torch.maximum(ratio_max, st["ratio_max"])
-                diff = (logp.detach() - sampler_lp).masked_fill(~mask, 0.0)
-                totals["abs_diff"] += diff.abs().sum() / max(n_counted, 1)
-                ratio = diff.exp()
-                outside = ((ratio < 0.8) | (ratio > 1.25)) & mask
-                totals["mismatch"] += outside.float().sum() / max(n_counted, 1)
-            n_tokens += batch.num_tokens
-        bar.close()
-        n_bins = len(bins)
-        if world > 1:  # DDP: sum the ranks' gradients (one flat bucket), then identical updates
-            if self.parallel == "ddp":  # (FSDP2 reduce-scattered them in the backward)
-                dist_.all_reduce_grads(list(model.parameters()))
-            red = torch.stack([*totals.values(), torch.tensor(float(n_tokens), device=dev),
-                               torch.tensor(float(n_bins), device=dev)]).double()
-            dist_.all_reduce_(red, "sum", "step statistics")
-            dist_.all_reduce_(ratio_max, "max", "step statistics")
-            for k, v in zip(list(totals), red[:len(totals)]):
-                totals[k] = v
-            n_tokens, n_bins = int(red[-2]), int(red[-1])
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            self._pad_forwards(int(n_max), len(plan.bins))
+        n_tokens = 0
+        for idx in tqdm(plan.bins, desc="train", unit="mb", leave=False,
+                        disable=not self.progress):
+            n_tokens += self._micro_batch([plan.samples[i] for i in idx], plan, totals)
+        n_tokens, n_bins = self._reduce(totals, n_tokens, len(plan.bins))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   self.cfg.max_grad_norm)
         grad_norm = fsdp.full_tensor(grad_norm)  # FSDP: a DTensor
         self.opt.step()
         self.sched.step()
@@ -260,10 +207,95 @@ class Learner:
         self.steps_done += 1
         secs = time.perf_counter() - t0
         out = {k: float(v) for k, v in totals.items()}  # the step's one host sync
-        out.update(ratio_max=float(ratio_max), grad_norm=float(grad_norm),
-                   train_tokens=n_tokens, train_seconds=secs, train_tokens_per_s=n_tokens / secs,
-                   micro_batches=n_bins, samples=n_global,
-                   lr=self.opt.param_groups[0]["lr"])
+        out.update(grad_norm=float(grad_norm), train_tokens=n_tokens, train_seconds=secs,
+                   train_tokens_per_s=n_tokens / secs, micro_batches=n_bins,
+                   samples=plan.n_global, lr=self.opt.param_groups[0]["lr"])
         out["sampler_logprob_abs_diff"] = out.pop("abs_diff")
         out["sampler_ratio_outside"] = out.pop("mismatch")
         return out
+
+    def _plan(self, samples: list[Sample]) -> "_StepPlan":
+        """This rank's share of the batch (balanced by tokens over ranks), its micro-batches
+        and the global counts the loss is normalised by."""
+        n_counted = sum(s.num_response_tokens for s in samples)
+        n_global = len(samples)
+        world = dist_.world_size()
+        if world > 1:  # every rank holds the same global batch; each trains its token share
+            share = balance_tokens([len(s.ids) for s in samples], world)[dist_.rank()]
+            samples = [samples[i] for i in share]
+        bins = pack_sequences([len(s.ids) for s in samples], self.cfg.micro_batch_tokens)
+        agg_mode = "token-sum-norm" if self.cfg.algorithm == "dr-grpo" else "token-mean"
+        return _StepPlan(samples, bins, n_counted, n_global, agg_mode)
+
+    def _micro_batch(self, mb: list[Sample], plan: "_StepPlan", totals: dict) -> int:
+        """Forward, loss and backward of one packed micro-batch, weighted so the micro-batches
+        add up to the whole batch's loss; its statistics added to `totals` (device tensors).
+        Returns its token count."""
+        cfg, model = self.cfg, self.model
+        dev = model.embed_tokens.weight.device
+        batch = make_packed_batch([s.ids for s in mb], device=dev)
+        cols = [_per_token(s) for s in mb]
+        targets = pack_per_token([c[0] for c in cols], batch, dtype=torch.long).to(dev)  # [T]
+        adv = pack_per_token([c[1] for c in cols], batch).to(dev)  # [T]
+        sampler_lp = pack_per_token([c[2] for c in cols], batch).to(dev)  # [T]
+        mask = targets != IGNORE_INDEX  # [T]
+        logp = self._logprobs(model, batch, targets)  # [T]
+        ref_lp = None
+        if self.ref is not None:
+            with torch.no_grad():
+                ref_lp = self._logprobs(self.ref, batch, targets)  # [T]
+        agg = microbatch_agg(plan.agg_mode, global_n_tokens=plan.n_counted,
+                             global_n_seqs=plan.n_global, mb_n_seqs=len(mb),
+                             loss_norm=float(plan.n_counted))  # Dr.GRPO's constant: this batch
+        # One update per batch: the learner's old log-probs are its current ones (ratio 1);
+        # the sampler's log-probs enter through the truncated importance weight.
+        loss, st = ops.pg_loss(
+            logp, logp.detach(), adv, mask, ref_logp=ref_lp, kl_coef=cfg.kl_coef,
+            kl_estimator=cfg.kl_estimator, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+            sampler_logp=sampler_lp, tis_cap=cfg.tis_cap, agg=agg.agg,
+            loss_norm=agg.loss_norm, cu_seqlens=batch.cu_seqlens, backend=model.ops_backend)
+        (loss * agg.weight).backward()
+        with torch.no_grad():
+            n = max(plan.n_counted, 1)
+            frac = sum(s.num_response_tokens for s in mb) / n  # host count
+            totals["loss"] += loss.detach() * agg.weight
+            for k in ("clip_frac", "kl", "ratio_mean"):
+                totals[k] += st[k] * frac
+            totals["ratio_max"] = torch.maximum(totals["ratio_max"], st["ratio_max"])
+            diff = (logp.detach() - sampler_lp).masked_fill(~mask, 0.0)  # [T]
+            totals["abs_diff"] += diff.abs().sum() / n
+            ratio = diff.exp()  # [T]
+            outside = ((ratio < 0.8) | (ratio > 1.25)) & mask
+            totals["mismatch"] += outside.float().sum() / n
+        return batch.num_tokens
+
+    def _reduce(self, totals: dict, n_tokens: int, n_bins: int) -> tuple[int, int]:
+        """Under torchrun: DDP sums the ranks' gradients (one flat bucket; FSDP2
+        reduce-scattered them in the backward) and the statistics are reduced over ranks (in
+        place in `totals`). Returns the global (tokens, micro-batches)."""
+        if dist_.world_size() == 1:
+            return n_tokens, n_bins
+        if self.parallel == "ddp":
+            dist_.all_reduce_grads(list(self.model.parameters()))
+        dev = self.model.embed_tokens.weight.device
+        red = torch.stack([*(totals[k] for k in _TOTALS),
+                           torch.tensor(float(n_tokens), device=dev),
+                           torch.tensor(float(n_bins), device=dev)]).double()
+        dist_.all_reduce_(red, "sum", "step statistics")
+        dist_.all_reduce_(totals["ratio_max"], "max", "step statistics")
+        for k, v in zip(_TOTALS, red[:len(_TOTALS)]):
+            totals[k] = v
+        return int(red[-2]), int(red[-1])
+
+
+# step statistics summed over micro-batches (and ranks); ratio_max is a max
+_TOTALS = ("loss", "clip_frac", "kl", "ratio_mean", "abs_diff", "mismatch")
+
+
+@dataclass
+class _StepPlan:
+    samples: list[Sample]  # this rank's share of the batch
+    bins: list[list[int]]  # micro-batches: indices into samples
+    n_counted: int  # response tokens of the whole (global) batch
+    n_global: int  # sequences of the whole batch
+    agg_mode: str
