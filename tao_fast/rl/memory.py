@@ -9,7 +9,8 @@ Bytes per GPU, per component (P parameters, S learner shards = FSDP degree, t = 
   AdamW moments    2 * P * 4 / S      exp_avg + exp_avg_sq
   (with cpu_offload the three above live in host memory: FSDP2 CPUOffloadPolicy)
   rollout weights  P * 2 / t          the bf16 copy vLLM serves. Colocated, vLLM's tensors *are*
-                                      the learner's bf16 compute weights (DESIGN.md): counted once
+                                      the learner's bf16 compute weights (docs/DESIGN.md, "Where
+                                      the learner and vLLM meet"): counted once
   gather buffers   2 * layer * 2      FSDP2 all-gathers one bf16 layer ahead (prefetch): 2 layers
   activations      see activation_bytes(): per token and layer, what autograd saves, plus one
                    layer's backward transients (backward_transient_bytes)

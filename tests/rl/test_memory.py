@@ -16,7 +16,7 @@ from tao_fast.rl.memory import GiB, KNOWN, Shape
 def test_parameter_counts():
     assert Shape.from_hf(KNOWN["llama-3-8b"]).params() == 8_030_261_248  # Meta's 8.03B
     assert Shape.from_hf(KNOWN["llama-3-70b"]).params() == 70_553_706_496  # 70.55B
-    assert Shape.from_hf(KNOWN["smollm2-135m"]).params() == 134_515_008  # DESIGN.md: 134.5M
+    assert Shape.from_hf(KNOWN["smollm2-135m"]).params() == 134_515_008  # docs/DESIGN.md: 134.5M
     for tied, bias in ((False, False), (True, True)):
         args = ModelArgs(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=3,
                          num_heads=4, num_kv_heads=2, tie_word_embeddings=tied, qkv_bias=bias)
