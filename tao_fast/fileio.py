@@ -1,6 +1,8 @@
 """Atomic writes of files and directories (built under a temporary name beside the
 destination, then renamed into place): a crash leaves the old one or the new one, never half of
-one. No torch import, so data tools can use it cheaply."""
+one. New files and directories get the usual modes (0o666 / 0o777 less the umask), not the
+private 0o600 / 0o700 of a temporary one, so a server running as another user can read a
+checkpoint. No torch import, so data tools can use it cheaply."""
 from __future__ import annotations
 
 import os
@@ -11,9 +13,20 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+FILE_MODE = 0o666 & ~_UMASK  # what open() would give a new file
+DIR_MODE = 0o777 & ~_UMASK  # what mkdir() would give a new directory
+
+
 def atomic_write_chunks(path, chunks: Iterable[str], mode: int | None = None) -> None:
     """Write the chunks in order (streamed), then rename into place. mode: permission bits
-    of the new file (mkstemp's 0o600 otherwise)."""
+    of the new file (FILE_MODE otherwise)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
     try:
@@ -22,8 +35,7 @@ def atomic_write_chunks(path, chunks: Iterable[str], mode: int | None = None) ->
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, FILE_MODE if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -51,6 +63,7 @@ def atomic_dir(dest, *, keep_existing: bool = False) -> Iterator[Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
     try:
+        os.chmod(tmp, DIR_MODE)
         yield tmp
         if not dest.exists():
             os.replace(tmp, dest)
