@@ -40,33 +40,50 @@ def _overrides_help():
             "(sections: model, data, rollout, scoring, rl, eval, run)")
 
 
-def _start_demo_over(run_dir: str) -> None:
-    """The demo always starts afresh: drop an earlier demo's resumable state and manifest."""
+# what a demo run leaves in its directory: removed when the demo starts over there
+DEMO_OUTPUTS = ("state", "manifest.jsonl", "metrics.jsonl", "checkpoint-round*", "eval_*.json",
+                "summary.json", "summary.md", "report.md", "report")
+
+
+def _start_demo_over(cfg) -> None:
+    """The demo always starts afresh: an earlier demo's outputs in its directory go. A
+    directory holding another run (its config.yaml is not a demo's) is refused, untouched."""
     import shutil
     from pathlib import Path
 
-    d = Path(run_dir)
-    if (d / "state").exists():
-        print(f"tao-fast: starting the demo over in {d}", file=sys.stderr)
-        shutil.rmtree(d / "state")
-    (d / "manifest.jsonl").unlink(missing_ok=True)
+    from tao_fast.config import load_config
+    from tao_fast.tuning import holds_run
+
+    d = Path(cfg.run.output_dir)
+    if not holds_run(d):
+        return
+    try:
+        old = load_config(d / "config.yaml")
+        is_demo = (old.data.train, old.model.path) == (cfg.data.train, cfg.model.path)
+    except (ConfigError, OSError):
+        is_demo = False
+    if not is_demo:
+        raise ConfigError(f"--out {d}: holds a run that is not this demo's (see its "
+                          f"config.yaml); choose another --out")
+    print(f"tao-fast: starting the demo over in {d}", file=sys.stderr)
+    for pattern in DEMO_OUTPUTS:
+        for f in d.glob(pattern):
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
 
 
 def cmd_demo(args) -> int:
     from tao_fast.config import load_config
     from tao_fast.tuning import tune
 
-    base = dict(DEMO)
-    _start_demo_over(args.out or (f"runs/demo-{args.scorer}" if args.scorer != "arithmetic"
-                                  else DEMO["run.output_dir"]))
-    base["scoring.scorer"] = args.scorer
+    base = dict(DEMO, **{"scoring.scorer": args.scorer})
     if args.scorer != "arithmetic":
         base["run.output_dir"] = f"runs/demo-{args.scorer}"
     if args.out:
         base["run.output_dir"] = args.out
     if args.steps is not None:
         base["run.steps"] = args.steps
-    cfg = load_config(None, args.overrides, base=base)
+    cfg = load_config(None, args.overrides, base=base)  # a bad override fails here, first
+    _start_demo_over(cfg)
     res = tune(cfg)
     _write_report(res.run_dir)
     if res.eval_before and res.eval_after:

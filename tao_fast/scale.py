@@ -29,11 +29,11 @@ def _acc(e: dict | None) -> dict | None:
 
 
 def _run(cfg: TaoConfig, run_dir: Path) -> Path:
-    from tao_fast.tuning import tune
+    from tao_fast.tuning import holds_run, tune
 
     if (run_dir / "summary.json").exists():
         return run_dir
-    if (run_dir / "state" / "latest").exists():
+    if holds_run(run_dir):  # killed: from its last state, or from the start without one
         tune(resume=run_dir)
     else:
         cfg = copy.deepcopy(cfg)

@@ -87,10 +87,18 @@ def run_config(config, overrides, resume) -> tuple[TaoConfig, Path]:
                            [*overrides, f"run.output_dir={run_dir}"]), run_dir
     cfg = config if isinstance(config, TaoConfig) else load_config(config, overrides)
     run_dir = Path(cfg.run.output_dir).resolve()
-    if (run_dir / "state" / "latest").exists():
+    if holds_run(run_dir):
         raise ConfigError(f"run.output_dir: {run_dir} already holds a run; continue it with "
                           f"`tao-fast tune --resume {run_dir}` or choose another directory")
     return cfg, run_dir
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether a new run would overwrite another's results there: a training state, a round
+    checkpoint or logged steps."""
+    metrics = run_dir / "metrics.jsonl"
+    return ((run_dir / "state" / "latest").exists() or any(run_dir.glob("checkpoint-round*"))
+            or (metrics.exists() and metrics.stat().st_size > 0))
 
 
 class TaoRecipe:

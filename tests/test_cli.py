@@ -8,7 +8,7 @@ from tao_fast.eval import wilson_interval
 
 
 @pytest.mark.parametrize("cmd", [[], ["demo"], ["tune"], ["eval"], ["report"], ["scale"],
-                                 ["ingest"]])
+                                 ["profile"], ["ingest"]])
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main(cmd + ["--help"])
@@ -74,3 +74,39 @@ def test_eval_flags_set_the_config_keys_they_name(tmp_path):
     assert (cfg.eval.max_tokens, cfg.rollout.strategy) == (7, "plain")
     with pytest.raises(ConfigError, match="--samples N needs --temperature > 0"):
         eval_config(parse(["eval", "--samples", "2"]))
+
+
+def _a_killed_run(d, train="prompts.jsonl"):
+    """A run directory as a killed tune leaves it: config.yaml, a state, some metrics."""
+    from tao_fast.config import load_config, save_config
+
+    (d / "state" / "step-000002").mkdir(parents=True)
+    (d / "state" / "step-000002" / "state.json").write_text("{}")
+    (d / "state" / "latest").write_text("step-000002")
+    (d / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    (d / "manifest.jsonl").write_text('{"round": 1}\n')
+    save_config(load_config(None, [f"data.train={train}", f"run.output_dir={d}"]),
+                d / "config.yaml")
+    return sorted(p.relative_to(d) for p in d.rglob("*"))
+
+
+def test_demo_never_touches_a_foreign_run(tmp_path, capsys):
+    """A typo into a killed run's directory, or a demo pointed at another run's directory:
+    refused with one line, and every file stays."""
+    files = _a_killed_run(tmp_path)
+    assert main(["demo", "--out", str(tmp_path), "rl.lrr=1"]) == 2
+    assert "rl.lrr: unknown key" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert "holds a run that is not this demo's" in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == files
+
+
+def test_demo_starts_its_own_run_over(tmp_path):
+    from tao_fast.cli import DEMO, _start_demo_over
+    from tao_fast.config import load_config
+
+    _a_killed_run(tmp_path, train="builtin:arithmetic")
+    (tmp_path / "checkpoint-round1").mkdir()
+    (tmp_path / "notes.txt").write_text("mine")  # not a demo output: stays
+    _start_demo_over(load_config(None, [f"run.output_dir={tmp_path}"], base=DEMO))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "notes.txt"]

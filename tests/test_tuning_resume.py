@@ -216,3 +216,18 @@ def test_a_run_reads_its_config_and_never_changes_it(tmp_path, monkeypatch, tiny
     assert not (tmp_path / "first").exists()
     saved = load_config(tmp_path / "moved" / "config.yaml")
     assert saved.run.output_dir == str(tmp_path / "moved") and saved.run.rounds == 2
+
+
+def test_a_new_run_never_overwrites_a_finished_one(tmp_path, monkeypatch, tiny_model):
+    """run.keep_states=0 leaves no state to resume from; a second new run into the directory
+    is refused, and the first run's metrics and checkpoint stay as they were."""
+    monkeypatch.chdir(tmp_path)
+    prompts(tmp_path / "prompts.jsonl", ["cats", "rain"])
+    run = write_config(tmp_path, "done", tiny_model, steps=1)
+    tao_fast.tune(run.config, ["run.keep_states=0"])
+    metrics = (run.dir / "metrics.jsonl").read_bytes()
+    weights = (run.dir / "checkpoint-round1" / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        tao_fast.tune(run.config, ["run.keep_states=0", "rl.lr=1e-2"])
+    assert (run.dir / "metrics.jsonl").read_bytes() == metrics
+    assert (run.dir / "checkpoint-round1" / "model.safetensors").read_bytes() == weights
