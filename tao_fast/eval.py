@@ -10,7 +10,7 @@ from pathlib import Path
 from tao_fast.config import TaoConfig
 from tao_fast.data.prompts import PromptRecord, encode_prompt
 from tao_fast.fileio import atomic_write_text
-from tao_fast.rollout import SamplingParams
+from tao_fast.rollout import SamplingParams, check_records_fit
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -112,6 +112,7 @@ def evaluate(model, prompts, scorer, cfg: TaoConfig | None = None, *, sampled: b
         raise ValueError("evaluate() needs at least one prompt")
     ids = [encode_prompt(r, tokenizer, cfg.rollout.strategy, cfg.data.system_prompt)
            for r in recs]
+    check_records_fit(recs, ids, sampling.max_tokens, engine.max_context, "eval.max_tokens")
     texts, lens, res = _answer_and_score(engine, scorer, select, recs, ids, sampling, progress)
     mode = "greedy" if not sampled else "best_of_n" if select is not None and sampling.n > 1 \
         else "sampled"

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from tao_fast.checkpoint import save_checkpoint
 from tao_fast.config import ConfigError, ResumeError, TaoConfig, load_config, save_config
 from tao_fast.data.prompts import encode_prompt
-from tao_fast.data.rounds import plan_round, pool_from_manifest, read_manifest
+from tao_fast.data.rounds import plan_round, pool_from_manifest, prompt_id, read_manifest
 from tao_fast.data.sources import load_prompts
 from tao_fast.dtypes import torch_dtype
 from tao_fast.eval import EvalResult, evaluate
@@ -44,7 +44,7 @@ from tao_fast.rl.metrics import rollout_metrics
 from tao_fast.rl.rollout_shards import generate_and_score
 from tao_fast.rl.state import ResumeState, latest_state, load_state, save_state
 from tao_fast.rl.trainer import Learner, samples_from_rollouts
-from tao_fast.rollout import SamplingParams, build_engine
+from tao_fast.rollout import SamplingParams, build_engine, check_records_fit
 from tao_fast.run_dir import check_space, check_writable, kill_at
 from tao_fast.scoring import ScorerContext, build_scorer
 from tao_fast.summary import write_summary
@@ -171,7 +171,7 @@ class TaoRecipe:
         cfg = self.cfg
         self.round, self.step, self.order = 1, 1, []
         self.rng = random.Random(cfg.run.seed)
-        self.pool, self.encoded = None, {}
+        self.pool, self.encoded = None, []
         self.manifest = read_manifest(self.run_dir)
         state_dir = latest_state(self.run_dir) if self.resuming else None
         if state_dir is not None:
@@ -209,6 +209,10 @@ class TaoRecipe:
                 if tp_engine else f"from a whole-weight {cfg.rollout.dtype} replica per rank"))
         if self.engine.lockstep:
             self._refuse_policy_judge_under_dp()
+        self.train_ids: dict[str, list[int]] = {}  # every prompt fits, before any compute
+        self.encode_training(self.train_prompts)
+        if self.held_out:
+            self.encode(self.held_out, cfg.eval.max_tokens, "eval.max_tokens")
         n_params = sum(p.numel() for p in self.model.parameters())
         log(f"[tao-fast] model {self.model_dir} ({n_params / 1e6:.1f}M params), "
             f"{len(self.train_prompts)} training prompts, {len(self.held_out)} held-out, scorer "
@@ -265,23 +269,36 @@ class TaoRecipe:
             self.pool, self.order = plan.prompts, []
             log(f"[tao-fast] round {self.round}: {plan.n_new} new prompts from "
                 f"{len(plan.new_files)} new file(s), {plan.n_replay} replayed")
-        self.encoded.clear()
+        self.encode_training(self.pool)  # the prompts of files that arrived since setup
+        self.encoded = [self.train_ids[prompt_id(r)] for r in self.pool]
         check_space(self.run_dir, self.model, cfg.run.keep_states > 0, self.checkpoint_dtype)
 
+    def encode(self, records, max_tokens: int, key: str) -> list[list[int]]:
+        """Token ids of the records' prompts (chat template, rollout.strategy), each checked
+        to leave room for max_tokens in the engine's context: an over-long prompt is an error
+        naming it before any generation."""
+        ids = [encode_prompt(r, self.tokenizer, self.cfg.rollout.strategy,
+                             self.cfg.data.system_prompt)
+               for r in tqdm(records, desc="encode", unit="prompt", leave=False,
+                             disable=not self.progress or len(records) < 2000)]
+        check_records_fit(records, ids, max_tokens, self.engine.max_context, key)
+        return ids
+
+    def encode_training(self, records) -> None:
+        """Encode and check the training prompts not seen yet (train_ids: by prompt id)."""
+        new = {prompt_id(r): r for r in records if prompt_id(r) not in self.train_ids}
+        ids = self.encode(list(new.values()), self.cfg.rollout.max_tokens, "rollout.max_tokens")
+        self.train_ids.update(zip(new, ids))
+
     def next_batch(self) -> tuple[list, list[list[int]]]:
-        """rl.prompts_per_step records of the pool and their token ids; the pool is reshuffled
-        once per pass over it."""
+        """rl.prompts_per_step records of the pool and their token ids (encoded when the round
+        began); the pool is reshuffled once per pass over it."""
         n = self.cfg.rl.prompts_per_step
         if len(self.order) < n:
             fresh = list(range(len(self.pool)))
             self.rng.shuffle(fresh)
             self.order += fresh
         idx, self.order = self.order[:n], self.order[n:]
-        for i in idx:
-            if i not in self.encoded:
-                self.encoded[i] = encode_prompt(self.pool[i], self.tokenizer,
-                                                self.cfg.rollout.strategy,
-                                                self.cfg.data.system_prompt)
         return [self.pool[i] for i in idx], [self.encoded[i] for i in idx]
 
     def train_step(self) -> dict:

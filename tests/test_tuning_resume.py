@@ -231,3 +231,27 @@ def test_a_new_run_never_overwrites_a_finished_one(tmp_path, monkeypatch, tiny_m
         tao_fast.tune(run.config, ["run.keep_states=0", "rl.lr=1e-2"])
     assert (run.dir / "metrics.jsonl").read_bytes() == metrics
     assert (run.dir / "checkpoint-round1" / "model.safetensors").read_bytes() == weights
+
+
+@pytest.mark.parametrize("where", ["train", "heldout"])
+def test_an_over_long_prompt_is_refused_before_any_generation(tmp_path, monkeypatch,
+                                                              tiny_model, where):
+    """A 1 MB prompt (~200k tokens; the model's context is 8,192) is an error naming its file
+    and line and the sizes, before the engine generates anything."""
+    from tao_fast.rollout.torch_engine import TorchEngine
+
+    def no_generate(*a, **k):
+        raise AssertionError("generate() was called")
+
+    monkeypatch.setattr(TorchEngine, "generate", no_generate)
+    monkeypatch.chdir(tmp_path)
+    long = json.dumps({"prompt": "word " * 200_000})
+    short = json.dumps({"prompt": "Say hi."})
+    (tmp_path / "train.jsonl").write_text(f"{short}\n{long if where == 'train' else short}\n")
+    (tmp_path / "heldout.jsonl").write_text(f"{long if where == 'heldout' else short}\n")
+    run = write_config(tmp_path, "long", tiny_model, steps=1, train="train.jsonl")
+    line = "train.jsonl:2" if where == "train" else "heldout.jsonl:1"
+    key = "rollout.max_tokens=6" if where == "train" else "eval.max_tokens=64"
+    with pytest.raises(ConfigError, match=rf"{line}: 200,\d{{3}} prompt tokens \+ {key} exceed "
+                                          r"the model's context of 8,192 tokens"):
+        tao_fast.tune(run.config, ["data.eval=heldout.jsonl", "eval.before=true"])

@@ -16,6 +16,7 @@ class PromptFileError(ValueError):
 class PromptRecord:
     messages: list[dict]  # chat messages, the last one from the user
     meta: dict = field(default_factory=dict)  # other fields of the record, for scorers
+    source: str = field(default="", compare=False)  # "file:line" it was read from, for errors
 
     @property
     def text(self) -> str:
@@ -41,11 +42,12 @@ def record_from_obj(obj, where: str) -> PromptRecord:
         if not any(m["role"] == "user" for m in msgs):
             raise PromptFileError(f"{where}: 'messages' has no user message")
         return PromptRecord(messages=[{"role": m["role"], "content": m["content"]} for m in msgs],
-                            meta=meta)
+                            meta=meta, source=where)
     if "prompt" in obj:
         if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
             raise PromptFileError(f"{where}: 'prompt' must be a non-empty string")
-        return PromptRecord(messages=[{"role": "user", "content": obj["prompt"]}], meta=meta)
+        return PromptRecord(messages=[{"role": "user", "content": obj["prompt"]}], meta=meta,
+                            source=where)
     raise PromptFileError(f"{where}: a record needs 'prompt' or 'messages' (keys: {sorted(obj)})")
 
 

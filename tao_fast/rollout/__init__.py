@@ -1,6 +1,6 @@
 """Rollout engines.
 
-  protocol.py      the Engine protocol, SamplingParams, Rollouts, check_prompts, stop_token_ids
+  protocol.py      the Engine protocol, SamplingParams, Rollouts, the prompt checks, stop tokens
   build.py         build_engine(rollout config, model, tokenizer): vLLM or the torch engine
   torch_engine.py  the in-house torch engine (CPU, tests, fallback)
   vllm/            the colocated vLLM engine: compat (version gate), weights (sync paths),
@@ -12,8 +12,9 @@ from tao_fast.rollout.protocol import (
     Rollouts,
     SamplingParams,
     check_prompts,
+    check_records_fit,
     stop_token_ids,
 )
 
-__all__ = ["Engine", "Rollouts", "SamplingParams", "check_prompts", "stop_token_ids",
-           "build_engine"]
+__all__ = ["Engine", "Rollouts", "SamplingParams", "check_prompts", "check_records_fit",
+           "stop_token_ids", "build_engine"]

@@ -7,7 +7,7 @@ from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 
-from tao_fast.config import RolloutConfig, check_sampling
+from tao_fast.config import ConfigError, RolloutConfig, check_sampling
 
 
 @dataclass
@@ -57,12 +57,34 @@ class Rollouts:
         return cls([], [], [], [], [], stats={"tokens": 0, "seconds": 0.0, "tokens_per_s": 0.0})
 
 
-def check_prompts(prompts) -> None:
-    """What every engine's generate() requires of its prompts (token id lists)."""
+def check_fits(n_prompt: int, max_tokens: int, context: int, where: str,
+               key: str = "max_tokens") -> None:
+    """A prompt of n_prompt tokens and a response of up to max_tokens within the model's
+    context, or a ConfigError naming the prompt (`where`), the sizes and what to change."""
+    if n_prompt + max_tokens > context:
+        raise ConfigError(f"{where}: {n_prompt:,} prompt tokens + {key}={max_tokens} exceed the "
+                          f"model's context of {context:,} tokens: shorten or drop the prompt "
+                          f"(tao-fast ingest --max-chars drops long ones), or lower {key}")
+
+
+def check_records_fit(records, ids: Sequence[list[int]], max_tokens: int, context: int,
+                      key: str) -> None:
+    """check_fits for every prompt record (named by its file:line when it has one) and its
+    token ids, before any of them is generated from."""
+    for i, (rec, p) in enumerate(zip(records, ids, strict=True)):
+        check_fits(len(p), max_tokens, context, rec.source or f"prompt {i}", key)
+
+
+def check_prompts(prompts, max_tokens: int, context: int) -> None:
+    """What every engine's generate() requires of its prompts (token id lists): at least one,
+    none empty, each with its response within `context` tokens (checked before any cache is
+    allocated for them)."""
     if not prompts:
         raise ValueError("generate() needs at least one prompt")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    for i, p in enumerate(prompts):
+        check_fits(len(p), max_tokens, context, f"prompt {i} of the batch")
 
 
 def stop_token_ids(model_args, tokenizer) -> list[int]:
@@ -95,6 +117,7 @@ class Engine(Protocol):
     # how the last load_weights() reached the engine: same-tensors (nothing to move) | copy |
     # alias | cast | reload (see each engine)
     sync_path: str = "same-tensors"
+    max_context: int = 0  # prompt + response tokens a sequence may have
 
     def generate(self, prompts: Sequence[list[int]], sampling: SamplingParams,
                  progress: bool = False) -> Rollouts:

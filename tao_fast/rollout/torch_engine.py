@@ -57,10 +57,11 @@ class TorchEngine(Engine):
         self.tokenizer = tokenizer
         self.max_batch_rows = max_batch_rows
         self.eos_ids = stop_token_ids(model.args, tokenizer)
+        self.max_context = model.args.max_position_embeddings
 
     def generate(self, prompts: Sequence[list[int]], sampling: SamplingParams,
                  progress: bool = False) -> Rollouts:
-        check_prompts(prompts)
+        check_prompts(prompts, sampling.max_tokens, self.max_context)
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         stop = torch.tensor(sorted(set(self.eos_ids) | set(sampling.stop_token_ids)))

@@ -75,6 +75,7 @@ class VllmEngine(Engine):
         self.lockstep = world // ro.tensor_parallel > 1
         self.weight_sync = weights.resolve_sync(ro, self.on_cpu)
         self.eos_ids = stop_token_ids(self.args, tokenizer)
+        self.max_context = ro.max_model_len or self.args.max_position_embeddings
         model_dir = Path(model_dir)
         _check_architecture(model_dir, vllm.__version__)
         kv_bytes = int(ro.kv_cache_gb * 2**30) if ro.kv_cache_gb > 0 else (
@@ -133,8 +134,8 @@ class VllmEngine(Engine):
             # generators lack ("RuntimeError: CPU Generator does not use offset"); seen with
             # the demo's 200 held-out prompts sampled with a seed (8k prompt tokens > the 2,048
             # token budget of a step). Unchunked, a step's budget must hold a whole prompt.
-            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(
-                2048, ro.max_model_len or self.args.max_position_embeddings))
+            kwargs.update(enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(2048, self.max_context))
         return kwargs
 
     def _check_memory(self, ro: RolloutConfig, kv_bytes: int | None) -> None:
@@ -197,7 +198,7 @@ class VllmEngine(Engine):
             if self.lockstep:
                 self.llm.generate([], use_tqdm=False)
             return Rollouts.empty()
-        check_prompts(prompts)
+        check_prompts(prompts, sampling.max_tokens, self.max_context)
         t0 = time.perf_counter()
         with PeakMemory(self.device) as peak:
             outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts],
