@@ -3,10 +3,8 @@
 The oracle computes the logits in float64 on the CPU and differentiates with autograd. fp32 is
 held to ~1e-5 relative error; fp16/bf16 to 2x the error of plain torch in that dtype (matmul in
 the low dtype, log_softmax in fp32) plus a tiny floor. Outputs and scratch start as NaN
-(_DEBUG_POISON), so any element a kernel forgets to write shows up.
+(utils.DEBUG_POISON), so any element a kernel forgets to write shows up.
 """
-import os
-
 import pytest
 
 pytest.importorskip("triton")
@@ -15,13 +13,14 @@ import torch  # noqa: E402
 
 from tao_fast import ops  # noqa: E402
 from tao_fast.kernels import linear_logprob as llp  # noqa: E402
+from tao_fast.kernels import utils  # noqa: E402
 
 IGN = -100
 
 
 @pytest.fixture(autouse=True)
 def _poison_and_one_blas_thread(monkeypatch):
-    monkeypatch.setattr(llp, "_DEBUG_POISON", True)
+    monkeypatch.setattr(utils, "DEBUG_POISON", True)
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
@@ -171,54 +170,3 @@ def test_bad_inputs_raise_clear_errors():
             llp.linear_logprob(*args)
     with pytest.raises(ValueError, match="temperature"):
         llp.linear_logprob(h, w, t, temperature=0.0)
-
-
-_COMPILE_SCRIPT = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from tao_fast.kernels import linear_logprob as L, pg_loss as P
-
-def build(fn, sig, consts, **opts):  # pointers 16-byte aligned, sizes % 16: as launched on GPU
-    sig = dict(sig, **{k: "constexpr" for k in consts})
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if sig.get(n, "").startswith("*") or n in ("H", "V", "stride_h", "stride_w")}
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["cubin"]
-
-for dt in ("bf16", "fp32"):
-    blocks, launch = (L._GPU_BLOCKS_FP32, L._GPU_LAUNCH_FP32) if dt == "fp32" else (L._GPU_BLOCKS, L._GPU_LAUNCH)
-    c = dict(blocks, EVEN_H=dt == "bf16", WITH_ENT=True, UPCAST=False, PREC="ieee" if dt == "fp32" else "tf32")
-    common = dict(h_ptr="*" + dt, w_ptr="*" + dt, tgt_ptr="*i64", T="i32", V="i32", H="i32",
-                  stride_h="i32", stride_w="i32", inv_temp="fp32")
-    build(L._fwd_kernel, dict(common, part_ptr="*fp32", v_per_split="i32", n_split="i32",
-                              group_t="i32"), c, **launch)
-    build(L._dlogits_kernel, dict(common, lse_ptr="*fp32", ez_ptr="*fp32", glp_ptr="*fp32",
-                                  gent_ptr="*fp32", dx_ptr="*" + dt, stride_dx="i32"), c, **launch)
-f32 = "*fp32"
-build(P._pg_fwd_kernel, dict(logp_ptr="*bf16", old_ptr=f32, adv_ptr=f32, mask_ptr="*u8", ref_ptr=f32,
-                             samp_ptr=f32, gtok_ptr=f32, ltok_ptr=f32, part_ptr=f32, N="i32",
-                             ratio_lo="fp32", ratio_hi="fp32", dual_clip="fp32", tis_cap="fp32",
-                             kl_coef="fp32"),
-      dict(HAS_REF=True, K3=True, HAS_DUAL=True, HAS_TIS=True, HAS_CAP=True, WRITE_LOSS=True,
-           BLOCK=P._BLOCK), num_warps=4)
-build(P._seq_sum_kernel, dict(ltok_ptr=f32, mask_ptr="*u8", cu_ptr="*i32", out_ptr=f32),
-      dict(BLOCK=P._BLOCK), num_warps=4)
-print("compiled")
-"""
-
-
-def test_kernels_compile_for_sm90_without_a_gpu():
-    """The interpreter skips Triton's compiler (e.g. it accepts non-constexpr globals that the
-    compiler rejects): compile every kernel to an sm_90 cubin (Triton's frontend + the bundled
-    ptxas run on the CPU), in a subprocess without TRITON_INTERPRET."""
-    import importlib.util
-    import subprocess
-    import sys
-
-    if importlib.util.find_spec("triton.backends.nvidia") is None:
-        pytest.skip("this triton build has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
