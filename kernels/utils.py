@@ -12,9 +12,10 @@ import warnings
 import torch
 
 try:  # triton is optional; without it no kernel runs, so there is no kernel error to catch
+    from triton.compiler.errors import CompilationError
     from triton.errors import TritonError
 except ImportError:  # pragma: no cover - the test environment has triton
-    TritonError = None
+    CompilationError = TritonError = None
 
 # Shared memory one block may use on H100 / H200 (sm_90, opt-in maximum: 227 KiB). Every GPU
 # config in kernels/*.py is chosen to fit under it (tests/kernels/test_sm90_compile.py checks).
@@ -77,8 +78,10 @@ def warn_fallback(op: str, reason: str) -> None:
 
 
 def _describe(err: BaseException, key: tuple) -> str:
-    lines = str(err).strip().splitlines() or [""]
-    return f"{type(err).__name__} for {', '.join(map(str, key))}: {lines[0][:300]}"
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [""]
+    # a CompilationError starts with the kernel source and ends with what went wrong
+    line = lines[-1] if CompilationError and isinstance(err, CompilationError) else lines[0]
+    return f"{type(err).__name__} for {', '.join(map(str, key))}: {line[:300]}"
 
 
 def run_or_fallback(op: str, key: tuple, fallback: bool, kernel, reference, unsupported=None):

@@ -2,6 +2,8 @@
 
 The oracle is plain softmax attention run on each sequence separately in float64 (not the
 packed torch reference). Shapes stay small: the interpreter runs every program in Python.
+Outputs are poisoned (NaN) before the kernels write them: given preallocated, or allocated by
+the op under utils.DEBUG_POISON.
 """
 import pytest
 
@@ -11,10 +13,17 @@ import torch  # noqa: E402
 
 from tao_fast import ops  # noqa: E402
 from tao_fast.kernels import attention as attn  # noqa: E402
+from tao_fast.kernels import utils  # noqa: E402
 
 
 _SKIP = attn.interpreter_unsupported_reason()
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    """Buffers the op allocates itself (outputs, delta) start as NaN: unwritten shows."""
+    monkeypatch.setattr(utils, "DEBUG_POISON", True)
 
 
 def _cu(lens):

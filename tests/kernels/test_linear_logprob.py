@@ -98,21 +98,57 @@ def test_matches_float64_oracle(dtype, T, V, H, temperature):
     assert (ours[2][ignored] == 0).all(), "ignored tokens must get no gradient"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_backward_in_several_chunks_is_deterministic(monkeypatch, dtype):
     """dx chunks of 256 tokens (5 chunks for T=1025): d weight accumulates in fp32; two
-    backward passes give bitwise-equal gradients and match the one-chunk result."""
+    backward passes give bitwise-equal gradients and match the one-chunk result; backward_info
+    says which path ran."""
     T, V, H, temp = 1025, 1000, 64, 1.3
     hidden, weight, targets, g_lp, g_ent = _inputs(T, V, H, dtype, seed=3)
+    name = str(dtype).removeprefix("torch.")
     one = _triton_path(hidden, weight, targets, temp, g_lp, g_ent)
+    assert llp.backward_info() == dict(dw_accumulation="single-chunk-native", chunks=1,
+                                       chunk_tokens=T, dx_dtype=name)
     bt = llp._INTERP_BLOCKS["BLOCK_T"]
     monkeypatch.setattr(llp, "_DX_CHUNK_BYTES", bt * V * hidden.element_size())
     runs = [_triton_path(hidden, weight, targets, temp, g_lp, g_ent) for _ in range(2)]
+    path = "fp32-addmm" if dtype == torch.float32 else "fp32-cast-addmm"  # CPU: no mm out_dtype
+    assert llp.backward_info() == dict(dw_accumulation=path, chunks=5, chunk_tokens=256,
+                                       dx_dtype=name)
     for a, b in zip(runs[0], runs[1]):
         assert torch.equal(a, b)
     tol = 1e-6 if dtype == torch.float32 else 2e-3  # fp16: chunk sums rounded once each
     assert _rel(runs[0][2], one[2]) < 1e-6  # d hidden: same math, BLAS blocking differs
     assert _rel(runs[0][3], one[3]) < tol
+    if dtype != torch.float32:
+        # The fp32 sum is rounded to the 16-bit dtype once, as the one-chunk GEMM's fp32
+        # accumulator is: the same bits nearly everywhere (measured 99.98% bf16, 99.8% fp16).
+        # Rounding each chunk's product to the 16-bit dtype first (the earlier fallback) left
+        # 65.6% / 65.5% equal.
+        same = (runs[0][3] == one[3]).float().mean().item()
+        assert same > 0.98, f"only {same:.1%} of d weight equals the one-chunk result"
+
+
+def test_dw_accumulates_in_fp32_across_chunks(monkeypatch):
+    """Chunk products that nearly cancel (bf16): the fp32 accumulator, taken a vocab slice at a
+    time, stays within fp32 error of the float64 sum; rounding each chunk's product to bf16
+    (the earlier fallback) is ~10% off here, which the same bound rejects."""
+    monkeypatch.setattr(llp, "_DW_SLICE_BYTES", 4 * 96 * 300)  # 300-row slices of V=1000
+    g = torch.Generator().manual_seed(11)
+    V, H, n = 1000, 64, 96
+    dx1 = torch.randn(n, V, generator=g).bfloat16()
+    h1 = torch.randn(n, H, generator=g).bfloat16()
+    h2 = (h1.float() + torch.randn(n, H, generator=g) / 64).bfloat16()
+    dx3 = (torch.randn(n, V, generator=g) / 64).bfloat16()
+    chunks = [(dx1, h1), (-dx1, h2), (dx3, torch.randn(n, H, generator=g).bfloat16())]
+    acc = torch.zeros(V, H)  # [V, H] fp32
+    paths = {llp._accumulate_dw(acc, dx, h) for dx, h in chunks}
+    assert paths == {"fp32-cast-addmm"}  # CPU; CUDA takes "fp32-mm"
+    want = sum(dx.double().t() @ h.double() for dx, h in chunks)  # [V, H] float64
+    bound = 1e-4  # measured 4.0e-6
+    assert _rel(acc, want) < bound
+    rounded = sum((dx.float().t() @ h.float()).bfloat16().float() for dx, h in chunks)
+    assert _rel(rounded, want) > 100 * bound  # the bound tells the two apart (measured 0.105)
 
 
 def test_entropy_only_gradient_and_partial_requires_grad():
