@@ -254,9 +254,16 @@ _LAST_BACKWARD: dict = {}
 
 def backward_info() -> dict:
     """How the last backward ran: {"dw_accumulation": "single-chunk-native" | "fp32-mm" |
-    "fp32-cast-addmm" | "fp32-addmm" | "none" (no d weight asked), "chunks": int (token chunks
-    of dx), "chunk_tokens": int, "dx_dtype": str (dtype of the dlogits chunk)}; {} before any."""
+    "fp32-cast-addmm" | "fp32-addmm" | "none" (no d weight asked) | "torch-reference" (the
+    backend="auto" fallback ran it), "chunks": int (token chunks of dx; 0 for the reference),
+    "chunk_tokens": int, "dx_dtype": str (dtype of the dlogits chunk)}; {} before any."""
     return dict(_LAST_BACKWARD)
+
+
+def _record_backward(path: str, chunks: int, chunk_tokens: int, dx_dtype: str) -> None:
+    _LAST_BACKWARD.clear()
+    _LAST_BACKWARD.update(dw_accumulation=path, chunks=chunks, chunk_tokens=chunk_tokens,
+                          dx_dtype=dx_dtype)
 
 
 def _dw_path(acc: torch.Tensor, dtype: torch.dtype) -> str:
@@ -331,9 +338,7 @@ def _backward(hidden, weight, targets, lse, ez, g_lp, g_ent, inv_temp, want_h, w
             dw = torch.mm(dx_c.t(), h_c)  # [V, H], one chunk
     if acc is not None:
         dw = acc.to(weight.dtype)
-    _LAST_BACKWARD.clear()
-    _LAST_BACKWARD.update(dw_accumulation=path, chunks=n_chunks, chunk_tokens=chunk,
-                          dx_dtype=str(dx.dtype).removeprefix("torch."))
+    _record_backward(path, n_chunks, chunk, str(dx.dtype).removeprefix("torch."))
     return dh, dw
 
 
@@ -363,11 +368,14 @@ class LinearLogprobFunction(torch.autograd.Function):
         def ref(h, w):
             return reference.linear_logprob(h, w, targets, ctx.temperature, ctx.with_ent)
 
+        def ref_grads():
+            _record_backward("torch-reference", 0, 0, "none")
+            return reference_grads(ref, (hidden, weight), (want_h, want_w), (g_lp, g_ent))
+
         dh, dw = run_or_fallback(
             _OP, _variant(hidden, ctx.with_ent), ctx.fallback,
             lambda: _backward(hidden, weight, targets, lse, ez, g_lp, g_ent,
-                              1.0 / ctx.temperature, want_h, want_w),
-            lambda: reference_grads(ref, (hidden, weight), (want_h, want_w), (g_lp, g_ent)))
+                              1.0 / ctx.temperature, want_h, want_w), ref_grads)
         return dh, dw, None, None, None, None
 
 
@@ -417,9 +425,13 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         empty_ = hidden.new_zeros(0, dtype=torch.float32)
         return empty_, (empty_.clone() if return_entropy else None)
     targets = targets.contiguous()
+
+    def ref():  # its backward is torch autograd's: backward_info says so from here on
+        _record_backward("torch-reference", 0, 0, "none")
+        return reference.linear_logprob(hidden, weight, targets, temperature, return_entropy)
+
     return run_or_fallback(
         _OP, _variant(hidden, return_entropy), fallback,
         lambda: LinearLogprobFunction.apply(hidden, weight, targets, float(temperature),
                                             bool(return_entropy), fallback),
-        lambda: reference.linear_logprob(hidden, weight, targets, temperature, return_entropy),
-        unsupported=unsupported_reason(hidden))
+        ref, unsupported=unsupported_reason(hidden))

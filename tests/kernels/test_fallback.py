@@ -163,6 +163,7 @@ def test_linear_logprob_kernel_failure(monkeypatch, kernel, error):
         assert torch.equal(a, b)
     for a, b in zip(again, want):
         assert torch.equal(a, b)
+    assert linear_logprob.backward_info()["dw_accumulation"] == "torch-reference"
     (w,) = _fallback_warnings(record, "linear_logprob")
     assert type(error).__name__ in str(w.message) and "float32, entropy=True" in str(w.message)
     with pytest.raises(type(error)):

@@ -151,6 +151,21 @@ def test_dw_accumulates_in_fp32_across_chunks(monkeypatch):
     assert _rel(rounded, want) > 100 * bound  # the bound tells the two apart (measured 0.105)
 
 
+@pytest.mark.parametrize("gpu_dtype", llp.DTYPES[1:], ids=["16-bit", "fp32"])
+def test_gpu_block_shapes_in_the_interpreter(monkeypatch, gpu_dtype):
+    """The GPU configs' blocks (fwd and dlogits) run in the interpreter on fp32 inputs against
+    the float64 oracle; H=96 is a multiple of BLOCK_H=32, not of 64 (both H loops run)."""
+    assert llp._GPU_CONFIGS[torch.bfloat16] == llp._GPU_CONFIGS[torch.float16]
+    monkeypatch.setattr(llp, "configs", lambda dtype: llp._GPU_CONFIGS[gpu_dtype])
+    T, V, H, temp = 300, 700, 96, 0.9
+    hidden, weight, targets, g_lp, g_ent = _inputs(T, V, H, torch.float32, seed=13)
+    ours = _triton_path(hidden, weight, targets, temp, g_lp, g_ent)
+    oracle = _torch_path(hidden, weight, targets, temp, g_lp, g_ent, torch.float64)
+    for name, x, ref, tol in zip(["logp", "entropy", "d_hidden", "d_weight"], ours, oracle,
+                                 [2e-6, 2e-6, 1e-5, 1e-5]):
+        assert _rel(x, ref) <= tol, f"{name}: rel err {_rel(x, ref):.3g} > {tol:.3g}"
+
+
 def test_entropy_only_gradient_and_partial_requires_grad():
     T, V, H = 33, 700, 64
     hidden, weight, targets, _, g_ent = _inputs(T, V, H, torch.float32, seed=5)
