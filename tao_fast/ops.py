@@ -7,15 +7,19 @@ cannot compile or launch (out of shared memory, a compile error) or does not cov
 reason. "triton" and "torch" force one: "triton" raises instead (benchmarks use it, so a
 fallback never passes for a kernel timing); asking for Triton where it is not installed is an
 error that says so.
+Each op runs inside a named range, `tao_fast.<op>` (tao_fast.profiling.trace.phase), so
+`tao-fast profile` and Nsight Systems show it by name.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
 
 from tao_fast.kernels import reference
 from tao_fast.kernels.utils import interpreting
+from tao_fast.profiling.trace import phase
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -44,6 +48,18 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     return "torch"
 
 
+def _named(fn):
+    """Run the op inside the range tao_fast.<name> (record_function; NVTX on CUDA)."""
+    name = f"tao_fast.{fn.__name__}"
+
+    @functools.wraps(fn)
+    def op(*args, **kwargs):
+        with phase(name):
+            return fn(*args, **kwargs)
+    return op
+
+
+@_named
 def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                    temperature: float = 1.0, return_entropy: bool = False, backend: str = "auto"):
     """Log-probability of `targets` under softmax((hidden @ weight.T) / temperature).
@@ -70,6 +86,7 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     return (logp, ent) if return_entropy else logp
 
 
+@_named
 def pg_loss(logp, old_logp, advantages, mask, *, ref_logp=None, kl_coef: float = 0.0,
             kl_estimator: str = "k3", clip_low: float = 0.2, clip_high: float = 0.2,
             dual_clip: float | None = None, sampler_logp=None, tis_cap: float | None = None,
@@ -95,6 +112,7 @@ def pg_loss(logp, old_logp, advantages, mask, *, ref_logp=None, kl_coef: float =
     return reference.pg_loss(logp, old_logp, advantages, mask, **kw)
 
 
+@_named
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, *, causal: bool = True, scale=None,
                      backend: str = "auto"):
     """Causal attention over packed sequences with GQA.
