@@ -16,47 +16,71 @@ starts past their sequence's end exit at once (grids are sized by max_seqlen).
 from __future__ import annotations
 
 import numbers
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from tao_fast.kernels import reference
+from tao_fast.kernels.utils import (check_device, empty, empty_like, interpreting,
+                                    reference_grads, run_or_fallback)
+
+_OP = "varlen_attention"
 _LOG2E = 1.4426950408889634  # kernels spell constants out: jit code reads no Python globals
-_HEAD_DIMS = (16, 32, 64, 128, 256)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _cfg(bm, bn, warps, stages):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
 
 
-def _configs(D: int):
-    """(fwd, dkdv, dq) block configs: dicts of BLOCK_M, BLOCK_N, num_warps, num_stages.
+def _pre(block, warps):
+    return dict(BLOCK=block, num_warps=warps)
 
-    UNMEASURED for speed: no GPU was lent while writing this. Chosen by compiling offline for
-    sm_90a (Triton 3.9 and 3.6, `ptxas -v`) so that no kernel spills registers at D <= 128
-    beyond ~30 bytes on 3.6 (D=256 fwd spills ~200 bytes on 3.6); the Triton tutorial's bwd
-    tiles (32x128 / 128x32, 4 warps) spill 0.5-3 KB at D=128. Tune with bench/gpu_attention.py.
-    The interpreter uses small blocks so tests cover multi-block loops, diagonal blocks and
-    sequence tails at small T.
-    Constraint (fwd and dq): BLOCK_M % BLOCK_N == 0, so the unmasked k range ends on a BLOCK_N edge.
-    """
-    if _interpreting():
-        return (dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1),
-                dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
-                dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1))
-    if D <= 64:
-        return (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-                dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
-                dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3))
-    if D <= 128:
-        return (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-                dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3),
-                dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3))
-    return (dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
-            dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
-            dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2))
 
+# The interpreter uses small blocks so tests cover multi-block loops, diagonal blocks and
+# sequence tails at small T (the interpreter tests depend on these shapes).
+_INTERP_CONFIGS = (_cfg(32, 16, 4, 1), _pre(64, 4), _cfg(16, 32, 4, 1), _cfg(32, 16, 4, 1))
+
+# GPU configs: (fwd, bwd preprocess, dkdv, dq) per (dtype, D). UNMEASURED for speed (no GPU
+# lent): each is chosen by compiling offline for sm_90a with Triton 3.6 and 3.9 through Triton's
+# own launch path (tests/kernels/test_sm90_compile.py, which checks every entry) so that it
+# fits the 232,448 B of shared memory of an H100/H200 and spills no registers. Comments: shared
+# memory of fwd / dkdv / dq (the preprocess needs <= 512 B), the most registers any of the four
+# uses (Triton 3.6 / 3.9); every entry: 0 spill bytes in both. Tune the speed with
+# bench/gpu_attention.py.
+# Constraint (fwd and dq): BLOCK_M % BLOCK_N == 0, so the unmasked k range ends on a BLOCK_N edge.
+_CONFIGS_16BIT = {  # bf16 and fp16 compile alike (the same figures)
+    16: (_cfg(128, 64, 8, 3), _pre(128, 4), _cfg(32, 128, 8, 3), _cfg(128, 32, 8, 3)),
+    # 16,384 / 14,848 / 14,336 B; 215 / 162 regs
+    32: (_cfg(128, 64, 8, 3), _pre(128, 4), _cfg(32, 128, 8, 3), _cfg(128, 32, 8, 3)),
+    # 32,768 / 29,184 / 28,672 B; 234 / 188 regs
+    64: (_cfg(128, 64, 8, 3), _pre(128, 4), _cfg(32, 128, 8, 3), _cfg(128, 32, 8, 3)),
+    # 65,536 / 57,856 / 57,344 B; 253 / 231 regs
+    128: (_cfg(128, 64, 8, 3), _pre(128, 4), _cfg(32, 64, 8, 2), _cfg(64, 32, 8, 3)),
+    # 131,072 / 65,792 / 81,920 B; 255 / 254 regs. dkdv 32x64 at 3 stages (82,944 B) spilled
+    # 56 B in both versions; 16x64 (246 / 209 regs) and 32x32 (186 / 170) also fit, unspilled
+    256: (_cfg(64, 32, 8, 2), _pre(128, 4), _cfg(32, 32, 8, 2), _cfg(32, 32, 4, 2)),
+    # 98,304 / 67,840 / 67,584 B; 255 / 254 regs
+}
+_CONFIGS_FP32 = {  # fp32 tiles take twice the bytes: smaller tiles / fewer stages above D=64
+    16: (_cfg(128, 64, 8, 3), _pre(128, 4), _cfg(32, 128, 8, 3), _cfg(128, 32, 8, 3)),
+    # 32,768 / 25,088 / 26,624 B; 205 / 128 regs
+    32: (_cfg(128, 64, 8, 3), _pre(128, 4), _cfg(32, 128, 8, 3), _cfg(128, 32, 8, 3)),
+    # 65,536 / 49,664 / 53,248 B; 228 / 178 regs
+    64: (_cfg(128, 64, 8, 3), _pre(128, 4), _cfg(32, 128, 8, 3), _cfg(128, 32, 8, 3)),
+    # 131,072 / 98,816 / 106,496 B; 253 / 254 regs
+    128: (_cfg(128, 32, 8, 2), _pre(64, 4), _cfg(32, 32, 8, 3), _cfg(64, 32, 8, 2)),
+    # 131,072 / 82,432 / 131,072 B; 248 / 228 regs. Before: fwd 128x64 at 3 stages needed
+    # 262,144 B (OutOfResources at launch); dkdv 32x64 spilled 156-812 B, dq 64x32 at 3
+    # stages 28 B (3.6); preprocess 128 rows: 250 regs (3.9)
+    256: (_cfg(32, 16, 4, 2), _pre(64, 8), _cfg(32, 16, 8, 2), _cfg(32, 32, 8, 2)),
+    # 67,840 / 131,328 / 163,840 B; 230 / 216 regs. Before: fwd 64x32 spilled 132-420 B,
+    # dkdv / dq 4-32 B, the preprocess (128 rows x 256 fp32 at 4 warps) 9,116 B
+}
+_GPU_CONFIGS = {(dtype, D): (_CONFIGS_FP32 if dtype == torch.float32 else _CONFIGS_16BIT)[D]
+                for dtype in DTYPES for D in HEAD_DIMS}  # what configs() reads on a GPU
 
 @triton.jit
 def _load_kv(k_base, v_base, stride_kt, stride_vt, offs_n, offs_d, L, MASK: tl.constexpr,
@@ -331,6 +355,29 @@ def interpreter_unsupported_reason() -> str | None:
             f"from memory on this numpy")
 
 
+def configs(dtype: torch.dtype, D: int) -> tuple[dict, dict, dict, dict]:
+    """(fwd, bwd preprocess, dkdv, dq) launch configs for q's dtype and head dim D: the block
+    sizes (constexprs) plus num_warps / num_stages, as the host wrappers pass them."""
+    if interpreting():
+        return _INTERP_CONFIGS
+    return _GPU_CONFIGS[dtype, D]
+
+
+def unsupported_reason(q: torch.Tensor) -> str | None:
+    """None when the kernels cover q's dtype and head dim, else why not (one line)."""
+    D = q.shape[-1]
+    if D not in HEAD_DIMS:
+        return (f"head dim D={D} not supported: the Triton kernel takes D in {HEAD_DIMS} "
+                "(pad the head dim, or use backend='torch')")
+    if q.dtype not in DTYPES:
+        return f"dtype must be float16, bfloat16 or float32, got {q.dtype}"
+    return None
+
+
+def _variant(q: torch.Tensor) -> tuple:
+    return (str(q.dtype).removeprefix("torch."), f"D={q.shape[-1]}")
+
+
 def _check_inputs(q, k, v, cu_seqlens, max_seqlen):
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"q [T, Hq, D], k/v [T, Hkv, D] expected, got {tuple(q.shape)}, "
@@ -341,23 +388,19 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen):
                          f"{tuple(v.shape)}")
     if Hq % k.shape[1]:
         raise ValueError(f"Hq={Hq} must be a multiple of Hkv={k.shape[1]}")
-    if D not in _HEAD_DIMS:
-        raise ValueError(f"head dim D={D} not supported: the Triton kernel takes D in {_HEAD_DIMS} "
-                         "(pad the head dim, or use backend='torch')")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {q.dtype}")
     if not (q.device == k.device == v.device == cu_seqlens.device):
         raise ValueError(f"q, k, v, cu_seqlens must be on one device, got {q.device}, {k.device}, "
                          f"{v.device}, {cu_seqlens.device}")
+    check_device(_OP, q)
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype != torch.int32:
         raise ValueError(f"cu_seqlens must be int32 [B+1] with B >= 1, got {cu_seqlens.dtype} "
                          f"{tuple(cu_seqlens.shape)}")
     if not isinstance(max_seqlen, numbers.Integral) or isinstance(max_seqlen, bool) \
             or max_seqlen < 0:  # a tensor here would cost a host sync per call
         raise ValueError(f"max_seqlen must be a Python int >= 0, got {max_seqlen!r}")
-    if not cu_seqlens.is_cuda:  # values checked only where that costs no device sync
+    if cu_seqlens.device.type == "cpu":  # values checked only where that costs no device sync
         cu = cu_seqlens.tolist()
         lens = [e - s for s, e in zip(cu[:-1], cu[1:])]
         if cu[0] != 0 or cu[-1] != T or min(lens) < 0 or max(lens) > max_seqlen:
@@ -378,18 +421,21 @@ def varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen: int, causal: bool 
     written). cu_seqlens values are trusted on CUDA (checking them would sync the host).
     """
     _check_inputs(q, k, v, cu_seqlens, max_seqlen)
+    reason = unsupported_reason(q)
+    if reason is not None:
+        raise ValueError(reason)
     q, k, v = map(_last_dim_contiguous, (q, k, v))
     T, Hq, D = q.shape
     Hkv, max_seqlen = k.shape[1], int(max_seqlen)
     scale = D ** -0.5 if scale is None else float(scale)
-    out = torch.empty_like(q) if out is None else out  # [T, Hq, D]
-    lse = torch.empty(Hq, T, device=q.device, dtype=torch.float32) if lse is None else lse
+    out = empty_like(q) if out is None else out  # [T, Hq, D]
+    lse = empty(Hq, T, device=q.device, dtype=torch.float32) if lse is None else lse  # [Hq, T]
     if out.shape != q.shape or out.stride(-1) != 1 or lse.shape != (Hq, T) \
             or not lse.is_contiguous():
         raise ValueError("out must be [T, Hq, D] with unit stride in D, lse contiguous [Hq, T]")
     B = cu_seqlens.numel() - 1
-    cfg, _, _ = _configs(D)
-    upcast = _interpreting() and q.dtype == torch.bfloat16  # interpreter bf16 tl.dot is broken
+    cfg = configs(q.dtype, D)[0]
+    upcast = interpreting() and q.dtype == torch.bfloat16  # interpreter bf16 tl.dot is broken
     grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), B * Hq)
     if T and max_seqlen:
         _fwd_kernel[grid](q, k, v, out, lse, cu_seqlens, q.stride(0), q.stride(1), k.stride(0),
@@ -410,18 +456,17 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int
     Hkv = k.shape[1]
     B = cu_seqlens.numel() - 1
     scale = D ** -0.5 if scale is None else float(scale)
-    dq = torch.empty_like(q) if dq is None else dq  # [T, Hq, D]
-    dk = torch.empty_like(k) if dk is None else dk  # [T, Hkv, D]
-    dv = torch.empty_like(v) if dv is None else dv  # [T, Hkv, D]
+    dq = empty_like(q) if dq is None else dq  # [T, Hq, D]
+    dk = empty_like(k) if dk is None else dk  # [T, Hkv, D]
+    dv = empty_like(v) if dv is None else dv  # [T, Hkv, D]
     if not T or not max_seqlen:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = torch.empty(Hq, T, device=q.device, dtype=torch.float32)  # rowsum(dO * O)
-    _, cfg_kv, cfg_q = _configs(D)
-    upcast = _interpreting() and q.dtype == torch.bfloat16
-    pre_block = 64 if _interpreting() else 128
-    _bwd_preprocess[(triton.cdiv(T, pre_block), Hq)](
+    delta = empty(Hq, T, device=q.device, dtype=torch.float32)  # [Hq, T] rowsum(dO * O)
+    _, cfg_pre, cfg_kv, cfg_q = configs(q.dtype, D)
+    upcast = interpreting() and q.dtype == torch.bfloat16
+    _bwd_preprocess[(triton.cdiv(T, cfg_pre["BLOCK"]), Hq)](
         out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), T,
-        HEAD_DIM=D, BLOCK=pre_block)
+        HEAD_DIM=D, **cfg_pre)
     common = dict(GROUP=Hq // Hkv, HEAD_DIM=D, CAUSAL=bool(causal), UPCAST=upcast)
     _bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg_kv["BLOCK_N"]), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, cu_seqlens, q.stride(0), q.stride(1), k.stride(0),
@@ -437,21 +482,26 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int
 
 class VarlenAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale):
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale, fallback):
         out, lse = varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, scale)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.max_seqlen, ctx.causal, ctx.scale = max_seqlen, causal, scale
+        ctx.max_seqlen, ctx.causal, ctx.scale, ctx.fallback = max_seqlen, causal, scale, fallback
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens,
-                                               ctx.max_seqlen, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None, None, None
+        rest = (cu_seqlens, ctx.max_seqlen, ctx.causal, ctx.scale)
+        dq, dk, dv = run_or_fallback(
+            _OP, _variant(q), ctx.fallback,
+            lambda: varlen_attention_backward(dout, q, k, v, out, lse, *rest),
+            lambda: reference_grads(lambda *qkv: (reference.varlen_attention(*qkv, *rest),),
+                                    (q, k, v), ctx.needs_input_grad[:3], (dout,)))
+        return dq, dk, dv, None, None, None, None, None
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True, scale=None):
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True, scale=None,
+                     fallback: bool = False):
     """Attention over packed sequences (causal inside each, nothing across), GQA, differentiable.
 
     q [T, Hq, D], k/v [T, Hkv, D] (Hq % Hkv == 0; D in 16..256, power of 2), cu_seqlens int32
@@ -459,5 +509,14 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True, 
     works too (tl.dot then uses TF32 on GPU) and is what the interpreter tests use.
     scale defaults to D**-0.5. Returns out [T, Hq, D] in q's dtype. The backward uses no
     atomics, so it is deterministic (no `deterministic` switch is needed).
+    fallback=True (ops' backend="auto"): where a kernel cannot compile or launch, or D / dtype
+    is not covered, the torch reference computes it (forward or backward) after one warning
+    per reason; fallback=False raises instead.
     """
-    return VarlenAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+    _check_inputs(q, k, v, cu_seqlens, max_seqlen)
+    return run_or_fallback(
+        _OP, _variant(q), fallback,
+        lambda: VarlenAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, causal, scale,
+                                              fallback),
+        lambda: reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale),
+        unsupported=unsupported_reason(q))

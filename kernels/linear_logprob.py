@@ -26,25 +26,40 @@ The vocab split count follows the SM count, so another GPU model may differ in t
 """
 from __future__ import annotations
 
-import os
+import warnings
 
 import torch
 import triton
 import triton.language as tl
 
+from tao_fast.kernels import reference
+from tao_fast.kernels.utils import (check_device, empty, interpreting, multiprocessor_count,
+                                    reference_grads, run_or_fallback)
+
+_OP = "linear_logprob"
 IGNORE_INDEX = -100
 _IGN = tl.constexpr(IGNORE_INDEX)  # jit code may only read constexpr globals
 _NEG = tl.constexpr(-1.0e30)  # finite "-inf": exp(_NEG - m) = 0 and 0 * _NEG = 0, no NaN
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-# Block sizes for H100: timing UNMEASURED (no GPU lent to this task). Compiled offline for sm_90
-# (Triton 3.9 and 3.6 + ptxas, no GPU needed), checking registers with cuobjdump: bf16/fp16 get
-# wgmma + a 3-stage cp.async pipeline, 96 KiB SMEM, 200-255 registers, no spills (128x256 and
-# 64x128 at 4 warps spill). fp32 inputs (IEEE dot, no tensor cores) spill at 128x128x64, so
-# they get 64x128x32 at 8 warps, 2 stages: no spills either.
-_GPU_BLOCKS = dict(BLOCK_T=128, BLOCK_V=128, BLOCK_H=64)
-_GPU_LAUNCH = dict(num_warps=8, num_stages=3)
-_GPU_BLOCKS_FP32 = dict(BLOCK_T=64, BLOCK_V=128, BLOCK_H=32)
-_GPU_LAUNCH_FP32 = dict(num_warps=8, num_stages=2)
+
+def _cfg(bt, bv, bh, warps, stages):
+    return dict(BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps, num_stages=stages)
+
+
+# GPU configs (fwd, dlogits) per input dtype. Timing UNMEASURED (no GPU lent). Compiled
+# offline for sm_90a with Triton 3.6 and 3.9 through Triton's own launch path
+# (tests/kernels/test_sm90_compile.py checks each, with and without entropy, H a multiple of
+# BLOCK_H and not): bf16/fp16 128x128x64 at 8 warps, 3 stages: 98,304 B of shared memory, fwd
+# 173-190 registers, dlogits 127-209, 0 spills. fp32 inputs (IEEE dot, no tensor cores)
+# 64x128x32 at 8 warps, 2 stages: 24,576 B, fwd 172-208 registers, dlogits 128, 0 spills. A
+# hidden size that is not a multiple of 16 (unaligned rows; no real model has one) spills
+# ~170 B in the 16-bit fwd (Triton 3.9, H=1000).
+_GPU_CONFIGS = {
+    torch.bfloat16: (_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 3)),
+    torch.float16: (_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 3)),
+    torch.float32: (_cfg(64, 128, 32, 8, 2), _cfg(64, 128, 32, 8, 2)),
+}
 # Forward vocab slices: at H=4096 a [128, H] hidden tile and a [128, H] weight tile are 1 MiB
 # each, so ~8 token tiles x 16 slices live at once keep ~24 MiB in the 50 MiB L2 (estimate).
 _GPU_SPLITS = 16
@@ -54,17 +69,9 @@ _GPU_SPLITS = 16
 _INTERP_BLOCKS = dict(BLOCK_T=256, BLOCK_V=2048, BLOCK_H=128)
 _INTERP_SPLITS = 3
 _DX_CHUNK_BYTES = 1 << 30  # backward dx chunk; tests/bench lower it to force several chunks
-_DEBUG_POISON = False      # tests set True: scratch/outputs start as NaN, so unwritten shows
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _empty(*shape, dtype, device):
-    if _DEBUG_POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+# d weight over several chunks: fp32 temporaries per vocab slice of at most this many bytes
+# (a [V, H] fp32 product of a 128k vocab at H=4096 would be 2 GiB at once).
+_DW_SLICE_BYTES = 256 << 20
 
 
 @triton.jit
@@ -177,41 +184,41 @@ def _dlogits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr, d
     tl.store(ptrs, dx.to(dx_ptr.dtype.element_ty), mask=t_ok[:, None] & v_ok[None, :])
 
 
-def _config(hidden):
-    interp = _interpreting()
+def configs(dtype: torch.dtype) -> tuple[dict, dict]:
+    """(fwd, dlogits) launch configs for the input dtype: BLOCK_T/V/H plus num_warps and
+    num_stages, as the host wrappers pass them."""
+    if interpreting():
+        return _INTERP_BLOCKS, _INTERP_BLOCKS
+    return _GPU_CONFIGS[dtype]
+
+
+def _constexprs(cfg: dict, hidden: torch.Tensor) -> dict:
+    """A config plus the flags that follow from the inputs."""
     fp32 = hidden.dtype == torch.float32
-    if interp:
-        blocks, launch = dict(_INTERP_BLOCKS), {}
-    else:
-        blocks = dict(_GPU_BLOCKS_FP32 if fp32 else _GPU_BLOCKS)
-        launch = _GPU_LAUNCH_FP32 if fp32 else _GPU_LAUNCH
-    blocks["EVEN_H"] = hidden.shape[1] % blocks["BLOCK_H"] == 0
-    blocks["UPCAST"] = interp and hidden.dtype == torch.bfloat16
-    # fp32 inputs: IEEE fp32 like torch's default matmul, not TF32; 16-bit ignores it.
-    blocks["PREC"] = "ieee" if fp32 else "tf32"
-    return blocks, launch
+    return dict(cfg, EVEN_H=hidden.shape[1] % cfg["BLOCK_H"] == 0,
+                UPCAST=interpreting() and hidden.dtype == torch.bfloat16,
+                PREC="ieee" if fp32 else "tf32")  # fp32: IEEE like torch's matmul, not TF32
 
 
 def _forward(hidden, weight, targets, inv_temp, with_ent):
     """-> logp [T], entropy [T] or None, lse [T], E_p[z] [T] or None (all fp32)."""
     T, H = hidden.shape
     V = weight.shape[0]
-    blocks, launch = _config(hidden)
-    n_t = triton.cdiv(T, blocks["BLOCK_T"])
-    n_vt = triton.cdiv(V, blocks["BLOCK_V"])
-    if _interpreting():
+    cfg = _constexprs(configs(hidden.dtype)[0], hidden)
+    n_t = triton.cdiv(T, cfg["BLOCK_T"])
+    n_vt = triton.cdiv(V, cfg["BLOCK_V"])
+    if interpreting():
         n_split, group_t = min(_INTERP_SPLITS, n_vt), 2
     else:  # ~1 program per SM live (255 regs x 256 threads): ~8 token tiles x 16 vocab slices
-        sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count
+        sms = multiprocessor_count(hidden.device)
         n_split = max(1, min(n_vt, max(_GPU_SPLITS, triton.cdiv(2 * sms, n_t))))
         group_t = max(1, sms // n_split)
     tiles_per_split = triton.cdiv(n_vt, n_split)
     n_split = triton.cdiv(n_vt, tiles_per_split)  # no empty slice
-    part = _empty(4, n_split, T, dtype=torch.float32, device=hidden.device)
+    part = empty(4, n_split, T, dtype=torch.float32, device=hidden.device)  # [4, S, T]
     _fwd_kernel[(n_t * n_split,)](
         hidden, weight, targets, part, T, V, H, hidden.stride(0), weight.stride(0), inv_temp,
-        tiles_per_split * blocks["BLOCK_V"], n_split, group_t, WITH_ENT=with_ent, **blocks,
-        **launch)
+        tiles_per_split * cfg["BLOCK_V"], n_split, group_t, WITH_ENT=with_ent, **cfg)
     m, s, a, zt = part.unbind(0)  # each [n_split, T]
     big_m = m.max(0).values  # [T]
     scale = torch.exp(m - big_m)  # [n_split, T]
@@ -228,67 +235,124 @@ def _forward(hidden, weight, targets, inv_temp, with_ent):
     return logp, ent, lse, big_m + ez_rel
 
 
-_MM_OUT_DTYPE_OK = None  # torch.addmm(..., out_dtype=fp32) for 16-bit inputs: probed once
+# d weight summed over several token chunks, always in fp32 (the products are never rounded to
+# the input dtype; the sum is rounded once, at the end):
+#   "fp32-mm": CUDA, 16-bit inputs: each chunk's product by a 16-bit cuBLAS GEMM with fp32
+#       output, torch.mm(a, b, out_dtype=torch.float32) (documented: "Supported only on CUDA
+#       and for torch.float32 given torch.float16/torch.bfloat16 input dtypes"), added into the
+#       fp32 accumulator. Not torch.addmm(acc, a, b, out_dtype=...): its CUDA implementation
+#       has required `input` (acc) in the 16-bit dtype of mat1/mat2 in some releases, and the
+#       earlier fallback for that rounded every chunk's product to bf16.
+#   "fp32-cast-addmm": CPU (no 16-bit -> fp32 GEMM there) or CUDA where mm(out_dtype=) raised:
+#       acc.addmm_ of the operands cast to fp32 (exact, slower).
+#   "fp32-addmm": fp32 inputs: acc.addmm_.
+# One chunk needs no accumulation: "single-chunk-native", one GEMM in the input dtype (cuBLAS
+# accumulates in fp32 and rounds once).
+_MM_OUT_DTYPE_ERROR: list[str] = []  # why torch.mm(out_dtype=fp32) failed on CUDA, if it did
+_LAST_BACKWARD: dict = {}
 
 
-def _accumulate_f32(acc, a, b):
-    """acc += a @ b in fp32 for 16-bit a, b (fixed order: deterministic)."""
-    global _MM_OUT_DTYPE_OK
-    if _MM_OUT_DTYPE_OK is not False:
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            _MM_OUT_DTYPE_OK = True
-            return
-        except (RuntimeError, TypeError, NotImplementedError):
-            _MM_OUT_DTYPE_OK = False
-    acc.add_(torch.mm(a, b))  # fallback: each chunk's product rounded to the input dtype
+def backward_info() -> dict:
+    """How the last backward ran: {"dw_accumulation": "single-chunk-native" | "fp32-mm" |
+    "fp32-cast-addmm" | "fp32-addmm" | "none" (no d weight asked) | "torch-reference" (the
+    backend="auto" fallback ran it), "chunks": int (token chunks of dx; 0 for the reference),
+    "chunk_tokens": int, "dx_dtype": str (dtype of the dlogits chunk)}; {} before any."""
+    return dict(_LAST_BACKWARD)
+
+
+def _record_backward(path: str, chunks: int, chunk_tokens: int, dx_dtype: str) -> None:
+    _LAST_BACKWARD.clear()
+    _LAST_BACKWARD.update(dw_accumulation=path, chunks=chunks, chunk_tokens=chunk_tokens,
+                          dx_dtype=dx_dtype)
+
+
+def _dw_path(acc: torch.Tensor, dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "fp32-addmm"
+    return "fp32-mm" if acc.is_cuda and not _MM_OUT_DTYPE_ERROR else "fp32-cast-addmm"
+
+
+def _accumulate_dw(acc: torch.Tensor, dx: torch.Tensor, h: torch.Tensor) -> str:
+    """acc [V, H] fp32 += dx.T @ h (dx [n, V], h [n, H] in the input dtype), in fp32, a vocab
+    slice at a time (fp32 temporaries <= _DW_SLICE_BYTES). Returns the path that ran."""
+    path = _dw_path(acc, dx.dtype)
+    if path == "fp32-addmm":
+        acc.addmm_(dx.t(), h)
+        return path
+    rows = max(1, _DW_SLICE_BYTES // (4 * max(acc.shape[1], dx.shape[0])))
+    h32 = None  # [n, H] fp32, made on the first slice that needs it
+    for v0 in range(0, acc.shape[0], rows):
+        part = dx[:, v0:v0 + rows].t()  # [rows, n]
+        if path == "fp32-mm":
+            try:
+                acc[v0:v0 + rows].add_(torch.mm(part, h, out_dtype=torch.float32))  # [rows, H]
+                continue
+            except (RuntimeError, TypeError, NotImplementedError) as err:  # acc is untouched
+                _mm_out_dtype_failed(err)
+                path = "fp32-cast-addmm"
+        h32 = h.float() if h32 is None else h32
+        acc[v0:v0 + rows].addmm_(part.float(), h32)
+    return path
+
+
+def _mm_out_dtype_failed(err: BaseException) -> None:
+    _MM_OUT_DTYPE_ERROR.append(f"{type(err).__name__}: {err}"[:300])
+    warnings.warn(f"tao_fast linear_logprob: torch.mm(out_dtype=torch.float32) failed on CUDA "
+                  f"({_MM_OUT_DTYPE_ERROR[0]}); d weight now accumulates from fp32 casts "
+                  f"(slower, as exact)", RuntimeWarning, stacklevel=3)
+
+
+def _chunking(T: int, V: int, dtype: torch.dtype, block_t: int) -> int:
+    """Tokens per dx chunk: a multiple of the token block, dx [chunk, V] <= _DX_CHUNK_BYTES."""
+    rows = _DX_CHUNK_BYTES // (V * dtype.itemsize) // block_t * block_t
+    return min(T, max(block_t, rows))
 
 
 def _backward(hidden, weight, targets, lse, ez, g_lp, g_ent, inv_temp, want_h, want_w):
     T, H = hidden.shape
     V = weight.shape[0]
-    blocks, launch = _config(hidden)
-    bt = blocks["BLOCK_T"]
-    rows = _DX_CHUNK_BYTES // (V * hidden.element_size()) // bt * bt
-    chunk = min(T, max(bt, rows))
+    cfg = _constexprs(configs(hidden.dtype)[1], hidden)
+    chunk = _chunking(T, V, hidden.dtype, cfg["BLOCK_T"])
     n_chunks = triton.cdiv(T, chunk)
-    dx = _empty(chunk, V, dtype=hidden.dtype, device=hidden.device)  # [C, V]
-    dh = _empty(T, H, dtype=hidden.dtype, device=hidden.device) if want_h else None
-    dw = None
-    if want_w and n_chunks > 1:
-        dw = torch.zeros(V, H, dtype=torch.float32, device=hidden.device)
+    dx = empty(chunk, V, dtype=hidden.dtype, device=hidden.device)  # [C, V]
+    dh = empty(T, H, dtype=hidden.dtype, device=hidden.device) if want_h else None  # [T, H]
+    acc = torch.zeros(V, H, dtype=torch.float32, device=hidden.device) \
+        if want_w and n_chunks > 1 else None  # [V, H] fp32
+    dw, path = None, "single-chunk-native" if want_w else "none"
     with_ent = g_ent is not None
     for c0 in range(0, T, chunk):
         c1 = min(T, c0 + chunk)
         n = c1 - c0
-        h_c = hidden[c0:c1]
-        grid = (triton.cdiv(n, bt), triton.cdiv(V, blocks["BLOCK_V"]))
+        h_c = hidden[c0:c1]  # [n, H]
+        grid = (triton.cdiv(n, cfg["BLOCK_T"]), triton.cdiv(V, cfg["BLOCK_V"]))
         _dlogits_kernel[grid](
             h_c, weight, targets[c0:c1], lse[c0:c1], ez[c0:c1] if with_ent else lse,
             g_lp[c0:c1], g_ent[c0:c1] if with_ent else g_lp, dx, n, V, H,
-            hidden.stride(0), weight.stride(0), dx.stride(0), inv_temp,
-            WITH_ENT=with_ent, **blocks, **launch)
+            hidden.stride(0), weight.stride(0), dx.stride(0), inv_temp, WITH_ENT=with_ent, **cfg)
         dx_c = dx[:n]  # [n, V]
         if want_h:
             torch.mm(dx_c, weight, out=dh[c0:c1])  # [n, H]
-        if want_w and n_chunks == 1:
-            dw = torch.mm(dx_c.t(), h_c)  # [V, H]
-        elif want_w and hidden.dtype == torch.float32:
-            dw.addmm_(dx_c.t(), h_c)
+        if acc is not None:
+            path = _accumulate_dw(acc, dx_c, h_c)
         elif want_w:
-            _accumulate_f32(dw, dx_c.t(), h_c)
-    if dw is not None:
-        dw = dw.to(weight.dtype)
+            dw = torch.mm(dx_c.t(), h_c)  # [V, H], one chunk
+    if acc is not None:
+        dw = acc.to(weight.dtype)
+    _record_backward(path, n_chunks, chunk, str(dx.dtype).removeprefix("torch."))
     return dh, dw
+
+
+def _variant(hidden: torch.Tensor, with_ent: bool) -> tuple:
+    return (str(hidden.dtype).removeprefix("torch."), f"entropy={bool(with_ent)}")
 
 
 class LinearLogprobFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, return_entropy):
+    def forward(ctx, hidden, weight, targets, temperature, return_entropy, fallback):
         inv_temp = 1.0 / temperature
         logp, ent, lse, ez = _forward(hidden, weight, targets, inv_temp, return_entropy)
         ctx.save_for_backward(hidden, weight, targets, lse, ez)
-        ctx.inv_temp = inv_temp
+        ctx.temperature, ctx.fallback, ctx.with_ent = temperature, fallback, return_entropy
         return logp, ent
 
     @staticmethod
@@ -296,28 +360,38 @@ class LinearLogprobFunction(torch.autograd.Function):
         hidden, weight, targets, lse, ez = ctx.saved_tensors
         want_h, want_w = ctx.needs_input_grad[:2]
         if not (want_h or want_w):
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
         if g_ent is not None:
             g_ent = g_ent.float().contiguous()
-        dh, dw = _backward(hidden, weight, targets, lse, ez, g_lp, g_ent, ctx.inv_temp,
-                           want_h, want_w)
-        return dh, dw, None, None, None
+
+        def ref(h, w):
+            return reference.linear_logprob(h, w, targets, ctx.temperature, ctx.with_ent)
+
+        def ref_grads():
+            _record_backward("torch-reference", 0, 0, "none")
+            return reference_grads(ref, (hidden, weight), (want_h, want_w), (g_lp, g_ent))
+
+        dh, dw = run_or_fallback(
+            _OP, _variant(hidden, ctx.with_ent), ctx.fallback,
+            lambda: _backward(hidden, weight, targets, lse, ez, g_lp, g_ent,
+                              1.0 / ctx.temperature, want_h, want_w), ref_grads)
+        return dh, dw, None, None, None, None
 
 
-def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                   temperature: float = 1.0, return_entropy: bool = False):
-    """hidden [T, H], weight [V, H] (same dtype: bf16/fp16/fp32, unit stride in H), targets [T]
-    int32/int64 in [0, V) or -100 (ignored: logp 0, entropy 0, no gradient; any other
-    out-of-range target gives NaN). Returns logp [T] fp32 and entropy [T] fp32 or None.
-    Differentiable w.r.t. hidden and weight (grads in their dtype); deterministic."""
+def unsupported_reason(hidden: torch.Tensor) -> str | None:
+    """None when the kernels cover hidden's dtype, else why not (one line)."""
+    if hidden.dtype not in DTYPES:
+        return f"hidden must be bf16, fp16 or fp32, got {hidden.dtype}"
+    return None
+
+
+def _check_inputs(hidden, weight, targets, temperature):
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden [T, H] and weight [V, H] expected, got {tuple(hidden.shape)} "
                          f"and {tuple(weight.shape)}")
     if targets.dim() != 1 or targets.shape[0] != hidden.shape[0]:
         raise ValueError(f"targets must be [T]={hidden.shape[0]}, got {tuple(targets.shape)}")
-    if hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"hidden must be bf16, fp16 or fp32, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight dtype {weight.dtype} != hidden dtype {hidden.dtype}")
     if targets.dtype not in (torch.int32, torch.int64):
@@ -325,9 +399,7 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     if not (hidden.device == weight.device == targets.device):
         raise ValueError(f"hidden, weight, targets on different devices: {hidden.device}, "
                          f"{weight.device}, {targets.device}")
-    if hidden.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"Triton linear_logprob needs CUDA tensors (or TRITON_INTERPRET=1), "
-                         f"got device {hidden.device}")
+    check_device(_OP, hidden)
     for name, x in (("hidden", hidden), ("weight", weight)):
         if x.shape[1] > 1 and x.stride(1) != 1:
             raise ValueError(f"{name} must have unit stride along H, got strides {x.stride()}: "
@@ -336,9 +408,30 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         raise ValueError(f"empty vocab or hidden size: weight {tuple(weight.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                   temperature: float = 1.0, return_entropy: bool = False,
+                   fallback: bool = False):
+    """hidden [T, H], weight [V, H] (same dtype: bf16/fp16/fp32, unit stride in H), targets [T]
+    int32/int64 in [0, V) or -100 (ignored: logp 0, entropy 0, no gradient; any other
+    out-of-range target gives NaN). Returns logp [T] fp32 and entropy [T] fp32 or None.
+    Differentiable w.r.t. hidden and weight (grads in their dtype); deterministic.
+    fallback=True (ops' backend="auto"): where a kernel cannot compile or launch, or the dtype
+    is not covered, the torch reference computes it (forward or backward) after one warning
+    per reason; fallback=False raises instead."""
+    _check_inputs(hidden, weight, targets, temperature)
     if hidden.shape[0] == 0:  # like the reference: empty, not connected to the graph
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        return empty, (empty.clone() if return_entropy else None)
-    logp, ent = LinearLogprobFunction.apply(hidden, weight, targets.contiguous(),
-                                            float(temperature), bool(return_entropy))
-    return logp, ent
+        empty_ = hidden.new_zeros(0, dtype=torch.float32)
+        return empty_, (empty_.clone() if return_entropy else None)
+    targets = targets.contiguous()
+
+    def ref():  # its backward is torch autograd's: backward_info says so from here on
+        _record_backward("torch-reference", 0, 0, "none")
+        return reference.linear_logprob(hidden, weight, targets, temperature, return_entropy)
+
+    return run_or_fallback(
+        _OP, _variant(hidden, return_entropy), fallback,
+        lambda: LinearLogprobFunction.apply(hidden, weight, targets, float(temperature),
+                                            bool(return_entropy), fallback),
+        ref, unsupported=unsupported_reason(hidden))

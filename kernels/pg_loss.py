@@ -14,16 +14,25 @@ maximum/minimum split the gradient half-half on ties, clamp passes it on its bou
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from tao_fast.kernels import reference
 from tao_fast.kernels.reference import check_pg_loss_args
+from tao_fast.kernels.utils import check_device, empty, run_or_fallback
 
-_BLOCK = 1024  # tokens per program; memory-bound elementwise pass (unmeasured on GPU)
+_OP = "pg_loss"
+# logp dtypes the offline compile test covers (the learner passes fp32); every per-token input
+# is converted to fp32 as it is loaded, so any floating dtype works
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _N_PART = 6    # partial sums per block (see the module docstring)
+# Tokens per program, num_warps: a memory-bound elementwise pass and a block reduction (timing
+# unmeasured on GPU). Offline sm_90a compile (Triton 3.6 and 3.9,
+# tests/kernels/test_sm90_compile.py): the pass 4,096 B of shared memory (reduction scratch),
+# 54-72 registers; the per-sequence sum 16 B, 40 registers; 0 spills.
+CONFIG = dict(BLOCK=1024, num_warps=4)
+_BLOCK = CONFIG["BLOCK"]
 
 
 @triton.jit
@@ -112,20 +121,19 @@ def _forward(logp, old, adv, mask, ref, samp, cu, cfg, need_grad):
     seq = agg == "seq-mean-token-mean"
     dev = logp.device
     n_blk = max(1, triton.cdiv(N, _BLOCK))
-    gtok = torch.empty(N, dtype=torch.float32, device=dev)
-    ltok = torch.empty(N if seq else 1, dtype=torch.float32, device=dev)
+    gtok = empty(N, dtype=torch.float32, device=dev)  # [N]
+    ltok = empty(N if seq else 1, dtype=torch.float32, device=dev)  # [N] (or unused [1])
     if N == 0:
         part = torch.zeros(1, _N_PART, dtype=torch.float32, device=dev)
     else:
-        part = torch.empty(n_blk, _N_PART, dtype=torch.float32, device=dev)
+        part = empty(n_blk, _N_PART, dtype=torch.float32, device=dev)  # [n_blk, 6]
         _pg_fwd_kernel[(n_blk,)](
             _flat(logp), _flat(old), _flat(adv), _flat(mask),
             _flat(ref) if ref is not None else logp, _flat(samp) if samp is not None else logp,
             gtok, ltok, part, N, 1.0 - clip_low, 1.0 + clip_high,
             float(dual_clip or 0.0), float(tis_cap or 0.0), float(kl_coef),
             HAS_REF=ref is not None, K3=k3, HAS_DUAL=dual_clip is not None,
-            HAS_TIS=samp is not None, HAS_CAP=tis_cap is not None, WRITE_LOSS=seq,
-            BLOCK=_BLOCK)
+            HAS_TIS=samp is not None, HAS_CAP=tis_cap is not None, WRITE_LOSS=seq, **CONFIG)
     tot = part.sum(0)  # [6]
     n_tok = tot[0].clamp(min=1.0)
     stats = (tot[2] / n_tok, tot[3] / n_tok, part[:, 4].max(), tot[5] / n_tok)
@@ -141,7 +149,7 @@ def _forward(logp, old, adv, mask, ref, samp, cu, cfg, need_grad):
     B = cu.numel() - 1
     seg = torch.zeros(B, 2, dtype=torch.float32, device=dev)  # [B, (sum l*m, sum m)]
     if B > 0 and N > 0:
-        _seq_sum_kernel[(B,)](ltok, _flat(mask), cu, seg, BLOCK=_BLOCK)
+        _seq_sum_kernel[(B,)](ltok, _flat(mask), cu, seg, **CONFIG)
     sums, cnts = seg.unbind(1)
     has = (cnts > 0).float()
     n_seq = has.sum().clamp(min=1.0)
@@ -174,17 +182,7 @@ class PGLossFunction(torch.autograd.Function):
         return (g,) + (None,) * 7
 
 
-def pg_loss(logp, old_logp, advantages, mask, *, ref_logp=None, kl_coef: float = 0.0,
-            kl_estimator: str = "k3", clip_low: float = 0.2, clip_high: float = 0.2,
-            dual_clip: float | None = None, sampler_logp=None, tis_cap: float | None = None,
-            agg: str = "token-mean", cu_seqlens=None, loss_norm: float | None = None):
-    """Per-token tensors: packed [T] (cu_seqlens int [B+1] for the per-sequence mean) or [B, L],
-    all one shape and device; mask bool/int/float (float = weights, like the reference).
-    Returns (loss [] fp32, stats dict of 0-dim fp32: clip_frac, ratio_mean, ratio_max, kl).
-    Gradient flows to logp only (in logp's dtype). See `reference.pg_loss` for every mode."""
-    check_pg_loss_args(agg, kl_estimator, loss_norm, dual_clip)
-    named = dict(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask,
-                 ref_logp=ref_logp, sampler_logp=sampler_logp)
+def _check_inputs(logp, agg, cu_seqlens, named):
     for name, t in named.items():
         if t is None:
             continue
@@ -195,14 +193,39 @@ def pg_loss(logp, old_logp, advantages, mask, *, ref_logp=None, kl_coef: float =
             raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
     if logp.dim() not in (1, 2):
         raise ValueError(f"per-token tensors must be [T] or [B, L], got {tuple(logp.shape)}")
-    if logp.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise ValueError(f"Triton pg_loss needs CUDA tensors (or TRITON_INTERPRET=1), "
-                         f"got device {logp.device}")
+    check_device(_OP, logp)
     if agg == "seq-mean-token-mean" and logp.dim() == 1:
         if cu_seqlens is None:
             raise ValueError("agg='seq-mean-token-mean' on packed [T] tensors needs cu_seqlens")
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
             raise ValueError(f"cu_seqlens must be [B+1], got {tuple(cu_seqlens.shape)}")
+
+
+def pg_loss(logp, old_logp, advantages, mask, *, ref_logp=None, kl_coef: float = 0.0,
+            kl_estimator: str = "k3", clip_low: float = 0.2, clip_high: float = 0.2,
+            dual_clip: float | None = None, sampler_logp=None, tis_cap: float | None = None,
+            agg: str = "token-mean", cu_seqlens=None, loss_norm: float | None = None,
+            fallback: bool = False):
+    """Per-token tensors: packed [T] (cu_seqlens int [B+1] for the per-sequence mean) or [B, L],
+    all one shape and device; mask bool/int/float (float = weights, like the reference).
+    Returns (loss [] fp32, stats dict of 0-dim fp32: clip_frac, ratio_mean, ratio_max, kl).
+    Gradient flows to logp only (in logp's dtype). See `reference.pg_loss` for every mode.
+    fallback=True (ops' backend="auto"): where a kernel cannot compile or launch, the torch
+    reference computes it after one warning per reason; fallback=False raises instead."""
+    check_pg_loss_args(agg, kl_estimator, loss_norm, dual_clip)
+    named = dict(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask,
+                 ref_logp=ref_logp, sampler_logp=sampler_logp)
+    _check_inputs(logp, agg, cu_seqlens, named)
+    kw = dict(ref_logp=ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator, clip_low=clip_low,
+              clip_high=clip_high, dual_clip=dual_clip, sampler_logp=sampler_logp,
+              tis_cap=tis_cap, agg=agg, cu_seqlens=cu_seqlens, loss_norm=loss_norm)
+    return run_or_fallback(_OP, (str(logp.dtype).removeprefix("torch."),), fallback,
+                           lambda: _apply(logp, old_logp, advantages, mask, **kw),
+                           lambda: reference.pg_loss(logp, old_logp, advantages, mask, **kw))
+
+
+def _apply(logp, old_logp, advantages, mask, *, ref_logp, kl_coef, kl_estimator, clip_low,
+           clip_high, dual_clip, sampler_logp, tis_cap, agg, cu_seqlens, loss_norm):
     cfg = (float(kl_coef), kl_estimator == "k3", float(clip_low), float(clip_high), dual_clip,
            tis_cap, agg, loss_norm)
     loss, clip_frac, ratio_mean, ratio_max, kl = PGLossFunction.apply(

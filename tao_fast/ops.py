@@ -1,27 +1,31 @@
 """Public ops: each picks the Triton kernel or the torch reference.
 
 backend="auto" picks Triton when the tensors are on CUDA (or when TRITON_INTERPRET=1, where
-the Triton interpreter runs on CPU tensors), the torch reference otherwise. "triton" and
-"torch" force one; asking for Triton where it is not installed is an error that says so.
+the Triton interpreter runs on CPU tensors), the torch reference otherwise; where a kernel then
+cannot compile or launch (out of shared memory, a compile error) or does not cover the inputs
+(a head dim, a dtype), "auto" runs the torch reference after one RuntimeWarning per op and
+reason. "triton" and "torch" force one: "triton" raises instead (benchmarks use it, so a
+fallback never passes for a kernel timing); asking for Triton where it is not installed is an
+error that says so.
+Each op runs inside a named range, `tao_fast.<op>` (tao_fast.profiling.trace.phase), so
+`tao-fast profile` and Nsight Systems show it by name.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
-import os
 
 import torch
 
 from tao_fast.kernels import reference
+from tao_fast.kernels.utils import interpreting
+from tao_fast.profiling.trace import phase
 
 BACKENDS = ("auto", "triton", "torch")
 
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
@@ -34,16 +38,28 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
         if not triton_available():
             raise RuntimeError("backend='triton' but triton is not installed: pip install triton")
         on_cuda = all(t.is_cuda for t in tensors)
-        if not on_cuda and not _interpreting():
+        if not on_cuda and not interpreting():
             raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 "
                                "(the Triton interpreter); use backend='torch' or move to CUDA")
         return "triton"
     on_cuda = all(t.is_cuda for t in tensors)
-    if triton_available() and (on_cuda or _interpreting()):
+    if triton_available() and (on_cuda or interpreting()):
         return "triton"
     return "torch"
 
 
+def _named(fn):
+    """Run the op inside the range tao_fast.<name> (record_function; NVTX on CUDA)."""
+    name = f"tao_fast.{fn.__name__}"
+
+    @functools.wraps(fn)
+    def op(*args, **kwargs):
+        with phase(name):
+            return fn(*args, **kwargs)
+    return op
+
+
+@_named
 def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                    temperature: float = 1.0, return_entropy: bool = False, backend: str = "auto"):
     """Log-probability of `targets` under softmax((hidden @ weight.T) / temperature).
@@ -61,14 +77,16 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if resolve_backend(backend, hidden, weight) == "triton":
-        from tao_fast.kernels.linear_logprob import linear_logprob as impl
+        from tao_fast.kernels.linear_logprob import linear_logprob as kernel
+        logp, ent = kernel(hidden, weight, targets, temperature=temperature,
+                           return_entropy=return_entropy, fallback=backend == "auto")
     else:
-        impl = reference.linear_logprob
-    logp, ent = impl(hidden, weight, targets, temperature=temperature,
-                     return_entropy=return_entropy)
+        logp, ent = reference.linear_logprob(hidden, weight, targets, temperature=temperature,
+                                             return_entropy=return_entropy)
     return (logp, ent) if return_entropy else logp
 
 
+@_named
 def pg_loss(logp, old_logp, advantages, mask, *, ref_logp=None, kl_coef: float = 0.0,
             kl_estimator: str = "k3", clip_low: float = 0.2, clip_high: float = 0.2,
             dual_clip: float | None = None, sampler_logp=None, tis_cap: float | None = None,
@@ -89,12 +107,12 @@ def pg_loss(logp, old_logp, advantages, mask, *, ref_logp=None, kl_coef: float =
               clip_high=clip_high, dual_clip=dual_clip, sampler_logp=sampler_logp,
               tis_cap=tis_cap, agg=agg, cu_seqlens=cu_seqlens, loss_norm=loss_norm)
     if resolve_backend(backend, logp) == "triton":
-        from tao_fast.kernels.pg_loss import pg_loss as impl
-    else:
-        impl = reference.pg_loss
-    return impl(logp, old_logp, advantages, mask, **kw)
+        from tao_fast.kernels.pg_loss import pg_loss as kernel
+        return kernel(logp, old_logp, advantages, mask, **kw, fallback=backend == "auto")
+    return reference.pg_loss(logp, old_logp, advantages, mask, **kw)
 
 
+@_named
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, *, causal: bool = True, scale=None,
                      backend: str = "auto"):
     """Causal attention over packed sequences with GQA.
@@ -109,7 +127,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, *, causal: bool = Tru
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"Hq={q.shape[1]} must be a multiple of Hkv={k.shape[1]}")
     if resolve_backend(backend, q, k, v) == "triton":
-        from tao_fast.kernels.attention import varlen_attention as impl
-    else:
-        impl = reference.varlen_attention
-    return impl(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale)
+        from tao_fast.kernels.attention import varlen_attention as kernel
+        return kernel(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale,
+                      fallback=backend == "auto")
+    return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale)

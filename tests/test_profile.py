@@ -20,6 +20,8 @@ def test_profile_writes_a_trace_with_every_phase(tmp_path, tiny_model):
     names = {e.get("name") for e in json.loads((out / "trace.json").read_text())["traceEvents"]}
     for phase in ("generate", "score", "sleep", "train", "sync", "wake"):
         assert f"tao/{phase}" in names, phase
+    for op in ("linear_logprob", "pg_loss", "varlen_attention"):
+        assert f"tao_fast.{op}" in names, op
     report = (out / "profile.md").read_text()
     assert "| train |" in report and "Self CPU" in report
     assert len((out / "run" / "metrics.jsonl").read_text().splitlines()) == 2

@@ -2,6 +2,8 @@
 
 The oracle is plain softmax attention run on each sequence separately in float64 (not the
 packed torch reference). Shapes stay small: the interpreter runs every program in Python.
+Outputs are poisoned (NaN) before the kernels write them: given preallocated, or allocated by
+the op under utils.DEBUG_POISON.
 """
 import pytest
 
@@ -11,10 +13,17 @@ import torch  # noqa: E402
 
 from tao_fast import ops  # noqa: E402
 from tao_fast.kernels import attention as attn  # noqa: E402
+from tao_fast.kernels import utils  # noqa: E402
 
 
 _SKIP = attn.interpreter_unsupported_reason()
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    """Buffers the op allocates itself (outputs, delta) start as NaN: unwritten shows."""
+    monkeypatch.setattr(utils, "DEBUG_POISON", True)
 
 
 def _cu(lens):
@@ -111,6 +120,30 @@ def test_forward_backward_vs_float64(lens, Hq, Hkv, D, dtype, causal):
         s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
         torch.testing.assert_close(lse[:, :n].double(), torch.logsumexp(s, -1),
                                    rtol=1e-5, atol=1e-5)
+
+
+def _gpu_tile_shapes():
+    """The distinct (fwd, preprocess, dkdv, dq) configs of the GPU table, named by (dtype, D)."""
+    shapes = {}
+    for key, cfgs in attn._GPU_CONFIGS.items():
+        shapes.setdefault(str(cfgs), (key, cfgs))
+    return [pytest.param(cfgs, id=f"{str(k[0]).removeprefix('torch.')}-D{k[1]}")
+            for k, cfgs in shapes.values()]
+
+
+@pytest.mark.parametrize("cfgs", _gpu_tile_shapes())
+def test_gpu_tile_shapes_in_the_interpreter(monkeypatch, cfgs):
+    """Each GPU config's block shapes (e.g. dkdv with BLOCK_M > BLOCK_N) run in the interpreter
+    at D=64 fp32 against the float64 oracle, so a config no GPU ran is still correct."""
+    monkeypatch.setattr(attn, "_INTERP_CONFIGS", cfgs)
+    lens, Hq, Hkv, D = [1, 70, 33, 140], 2, 1, 64
+    q, k, v, dout = _inputs(lens, Hq, Hkv, D, torch.float32, seed=11)
+    cu, scale = _cu(lens), D ** -0.5
+    out, lse = attn.varlen_attention_forward(q, k, v, cu, max(lens), True, scale)
+    grads = attn.varlen_attention_backward(dout, q, k, v, out, lse, cu, max(lens), True, scale)
+    ref = _oracle_grads(q, k, v, dout, lens, True, scale, torch.float64)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), ref):
+        assert _rel(got, want) < 1e-5, f"{name}: rel err {_rel(got, want):.2e}"
 
 
 def test_autograd_deterministic_and_ops_backends():

@@ -14,9 +14,15 @@ import torch  # noqa: E402
 
 from tao_fast import ops  # noqa: E402
 from tao_fast.kernels import pg_loss as pgk  # noqa: E402
-from tao_fast.kernels import reference  # noqa: E402
+from tao_fast.kernels import reference, utils  # noqa: E402
 
 BACKENDS = ["triton", "torch"]
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    """The kernels' outputs and partial sums start as NaN: an unwritten element shows."""
+    monkeypatch.setattr(utils, "DEBUG_POISON", True)
 t = torch.tensor
 
 
