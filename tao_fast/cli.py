@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from tao_fast.config import ConfigError, ResumeError, TaoConfig
 
@@ -49,7 +50,6 @@ def _start_demo_over(cfg) -> None:
     """The demo always starts afresh: an earlier demo's outputs in its directory go. A
     directory holding another run (its config.yaml is not a demo's) is refused, untouched."""
     import shutil
-    from pathlib import Path
 
     from tao_fast.config import load_config
     from tao_fast.tuning import holds_run
@@ -106,6 +106,12 @@ def cmd_tune(args) -> int:
         distributed.shutdown()
         return 0
     _write_report(res.run_dir)
+    if res.scoring_always_failed:
+        print(f"tao-fast: error: every candidate's scoring failed in every step: nothing was "
+              f"learned (the errors: {res.run_dir / 'metrics.jsonl'}, and each eval file's "
+              f"details)", file=sys.stderr)
+        distributed.shutdown()
+        return 1
     print(json.dumps({"run_dir": str(res.run_dir), "checkpoint": str(res.checkpoint),
                       "before": res.eval_before and res.eval_before.accuracy,
                       "after": res.eval_after and res.eval_after.accuracy,
@@ -147,12 +153,27 @@ def eval_config(args):
     return cfg, sampled
 
 
+def _check_out(path: Path) -> None:
+    """--out can be written, checked before the work rather than after it."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".probe-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--out {path}: cannot write there ({e.strerror or e})") from None
+
+
 def cmd_eval(args) -> int:
     from tao_fast.data import read_jsonl
     from tao_fast.data.sources import load_prompts
     from tao_fast.eval import evaluate
 
     cfg, sampled = eval_config(args)
+    if args.n < 1:
+        raise ConfigError(f"eval: --n must be >= 1, got {args.n}")
+    if args.out:
+        _check_out(Path(args.out))
     if args.prompts.startswith("builtin:"):
         data = dataclasses.replace(cfg.data, train=args.prompts, n_train=args.n_train_exclude,
                                    n_eval=args.n, eval="")
@@ -192,8 +213,6 @@ def cmd_scale(args) -> int:
         raise ConfigError(f"--n: expected comma-separated integers, got {args.n!r}") from None
     cfg = load_config(args.config, args.overrides, base=None if args.config else DEMO)
     res = scale(cfg, ns, args.out, controls=[c for c in args.controls.split(",") if c])
-    from pathlib import Path
-
     print((Path(args.out) / "scale.md").read_text())
     return 0 if res["runs"] else 1
 

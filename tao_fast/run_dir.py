@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,18 +24,23 @@ def check_writable(run_dir: Path) -> None:
         raise ConfigError(f"run.output_dir: cannot write to {run_dir}: {e.strerror}") from None
 
 
-def check_space(run_dir: Path, model, states: bool,
+def check_space(run_dir: Path, model, keep_states: int,
                 ckpt_dtype: torch.dtype | None = None) -> None:
-    """Before a round's work: room for a new training state (written beside the old one, which
-    goes once the new one is complete) and the round's checkpoint, or a clear error now rather
-    than a failed save after the round's compute is spent."""
+    """Before a round's work: room for what the round writes, or a clear error now rather than
+    a failed save after the round's compute is spent. That is its checkpoint and, with
+    run.keep_states = k > 0, training states: a new one is written beside the k kept ones and
+    the oldest goes once it is complete, so the disk holds up to k + 1; those already there
+    take space already."""
     ckpt = sum(p.numel() * (ckpt_dtype.itemsize if ckpt_dtype else p.element_size())
                for p in model.parameters())
-    need = ckpt + (estimate_bytes(model) if states else 0)
+    have = len(list((run_dir / "state").glob("step-" + "[0-9]" * 6)))
+    n_states = max(keep_states + 1 - have, 1) if keep_states else 0
+    need = ckpt + n_states * estimate_bytes(model)
     free = shutil.disk_usage(run_dir).free
     if free < need:
-        what = "a training state and a checkpoint" if states else "a checkpoint"
-        hint = (" (or set run.keep_states=0: no training states, so no resume)" if states
+        what = (f"{n_states} training state(s) and a checkpoint" if n_states
+                else "a checkpoint")
+        hint = (" (or set run.keep_states=0: no training states, so no resume)" if n_states
                 else "")
         raise OSError(errno.ENOSPC, f"{run_dir} has {free >> 20} MiB free; {what} need about "
                       f"{need >> 20} MiB: free some space{hint}, or resume later with "
@@ -52,3 +58,24 @@ def kill_at(rank: int) -> int | None:
     if r and int(r) != rank:
         return None
     return int(step)
+
+
+@contextmanager
+def writing(what: str, run_dir: Path):
+    """A failed write of `what` (a disk full, a lost mount; safetensors reports those as
+    SafetensorError) as one OSError naming it and the newest complete training state, which
+    the atomic writers leave intact."""
+    from safetensors import SafetensorError
+
+    from tao_fast.rl.state import latest_state
+
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        code = e.errno if isinstance(e, OSError) and e.errno else (
+            errno.ENOSPC if "StorageFull" in str(e) or "No space" in str(e) else errno.EIO)
+        last = latest_state(run_dir)
+        raise OSError(code, f"cannot write {what}: {reason}; the last complete training state "
+                      f"is {last or 'none'} (resume with `tao-fast tune --resume {run_dir}` "
+                      f"once there is room)") from None

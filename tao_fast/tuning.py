@@ -45,7 +45,7 @@ from tao_fast.rl.rollout_shards import generate_and_score
 from tao_fast.rl.state import ResumeState, latest_state, load_state, save_state
 from tao_fast.rl.trainer import Learner, samples_from_rollouts
 from tao_fast.rollout import SamplingParams, build_engine, check_records_fit
-from tao_fast.run_dir import check_space, check_writable, kill_at
+from tao_fast.run_dir import check_space, check_writable, kill_at, writing
 from tao_fast.scoring import ScorerContext, build_scorer
 from tao_fast.summary import write_summary
 
@@ -58,6 +58,12 @@ class TuneResult:
     eval_before: EvalResult | None = None
     eval_after: EvalResult | None = None
     wall_seconds: float = 0.0
+
+    @property
+    def scoring_always_failed(self) -> bool:
+        """Every candidate's scoring failed in every step: the run learned nothing."""
+        return bool(self.metrics) and all(m.get("score_failure_frac") == 1.0
+                                          for m in self.metrics)
 
 
 def log(msg: str) -> None:
@@ -271,7 +277,7 @@ class TaoRecipe:
                 f"{len(plan.new_files)} new file(s), {plan.n_replay} replayed")
         self.encode_training(self.pool)  # the prompts of files that arrived since setup
         self.encoded = [self.train_ids[prompt_id(r)] for r in self.pool]
-        check_space(self.run_dir, self.model, cfg.run.keep_states > 0, self.checkpoint_dtype)
+        check_space(self.run_dir, self.model, cfg.run.keep_states, self.checkpoint_dtype)
 
     def encode(self, records, max_tokens: int, key: str) -> list[list[int]]:
         """Token ids of the records' prompts (chat template, rollout.strategy), each checked
@@ -348,7 +354,15 @@ class TaoRecipe:
                 "peak_memory_mb": max(peak.peak_mb, gen_peak_mb)}
 
     def log_step(self, m: dict) -> None:
-        """One line of metrics.jsonl (rank 0), the progress bar."""
+        """One line of metrics.jsonl (rank 0), the progress bar; a warning the first time
+        every candidate's scoring failed in a step."""
+        if m["score_failure_frac"] == 1.0 and not any(
+                x.get("score_failure_frac") == 1.0 for x in self.result.metrics):
+            failed = {k: v for k, v in m.items() if k.startswith("score_failures/")}
+            log(f"[tao-fast] warning: step {m['global_step']}: every candidate's scoring failed "
+                f"({failed}); their rewards are scoring.failure_value="
+                f"{self.cfg.scoring.failure_value}: the errors are in metrics.jsonl and the "
+                f"scorer's details")
         self.result.metrics.append(m)
         if dist_.is_main():
             with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -368,10 +382,11 @@ class TaoRecipe:
         self.result.checkpoint = self.run_dir / f"checkpoint-round{rnd}"
         whole = self.learner.checkpoint_model()  # FSDP: gathered from the shards to rank 0
         if dist_.is_main():
-            save_checkpoint(whole, self.tokenizer, self.result.checkpoint,
-                            extra={"round": rnd, "steps": self.learner.steps_done,
-                                   "base_model": str(self.model_dir)},
-                            dtype=self.checkpoint_dtype)
+            with writing(f"the checkpoint {self.result.checkpoint}", self.run_dir):
+                save_checkpoint(whole, self.tokenizer, self.result.checkpoint,
+                                extra={"round": rnd, "steps": self.learner.steps_done,
+                                       "base_model": str(self.model_dir)},
+                                dtype=self.checkpoint_dtype)
         log(f"[tao-fast] round {rnd}: checkpoint {self.result.checkpoint}")
         if self.cfg.eval.after and rnd < self.cfg.run.rounds:
             self.evaluate(f"round{rnd}")
@@ -395,17 +410,12 @@ class TaoRecipe:
                             python_rng=self.rng.getstate(),
                             metrics_lines=len(self.result.metrics),
                             checkpoint=str(self.result.checkpoint or ""))
-        try:
-            full = self.learner.full_state()  # FSDP: gathered to rank 0 (every rank takes part)
-            if dist_.is_main():
+        full = self.learner.full_state()  # FSDP: gathered to rank 0 (every rank takes part)
+        if dist_.is_main():
+            with writing(f"the training state to {self.run_dir / 'state'}", self.run_dir):
                 save_state(self.run_dir, (self.round - 1) * cfg.run.steps + step_done,
                            self.model, self.learner.opt, self.learner.sched, saved.to_json(),
                            keep=cfg.run.keep_states, **full)
-        except OSError as e:
-            last = latest_state(self.run_dir)
-            raise OSError(e.errno, f"cannot write the training state to "
-                          f"{self.run_dir / 'state'}: {e.strerror}; the last complete state is "
-                          f"{last or 'none'}") from None
 
     # ------------------------------------------------------------------ evaluation, the end
     def evaluate(self, name: str) -> EvalResult | None:

@@ -33,6 +33,10 @@ def test_missing_config_file(capsys, tmp_path):
     (["scale", "--n", "1,2", "--out", "/nonexistent/x"], "every N must be >= 2"),
     (["scale", "--n", "two"], "comma-separated integers"),
     (["eval", "--scorer", "{type: [", "--n", "1"], "not a valid mapping"),
+    (["eval", "--n", "0"], "--n must be >= 1"),
+    (["eval", "--n", "1", "--temperature", "0", "--samples", "3"], "--samples N needs"),
+    (["eval", "--n", "1", "--out", "/nonexistent/dir/e.json"], "--out /nonexistent/dir/e.json: "
+                                                              "cannot write there"),
 ])
 def test_command_errors_are_one_clear_line(argv, msg, capsys):
     assert main(argv) == 2

@@ -172,7 +172,9 @@ def test_full_disk_fails_before_the_round(tmp_path, monkeypatch, embedded):
 
 def test_space_check_counts_only_what_will_be_written(tmp_path, monkeypatch):
     """A mock stands in for the disk (shutil.disk_usage). Room for the round's checkpoint but
-    not for a training state as well: fine with run.keep_states=0, a clear error otherwise."""
+    not for a training state as well: fine with run.keep_states=0, a clear error otherwise.
+    A new state is written beside the kept one(s), so a run with none yet needs room for two
+    (keep_states=1), one with a state already for one."""
     import shutil
 
     from tao_fast.rl.state import estimate_bytes
@@ -181,11 +183,53 @@ def test_space_check_counts_only_what_will_be_written(tmp_path, monkeypatch):
     model = tiny_learner(0).model
     ckpt = sum(p.numel() * p.element_size() for p in model.parameters())
     Usage = namedtuple("Usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage",
-                        lambda p: Usage(1 << 40, 0, ckpt + estimate_bytes(model) // 2))
-    check_space(tmp_path, model, states=False)
-    with pytest.raises(OSError, match="a training state and a checkpoint .* run.keep_states=0"):
-        check_space(tmp_path, model, states=True)
+    free = {"bytes": ckpt + estimate_bytes(model) // 2}
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(1 << 40, 0, free["bytes"]))
+    check_space(tmp_path, model, keep_states=0)
+    with pytest.raises(OSError, match="2 training state.* and a checkpoint .* run.keep_states=0"):
+        check_space(tmp_path, model, keep_states=1)
+    free["bytes"] = ckpt + estimate_bytes(model) * 3 // 2  # one state's room, not two
+    with pytest.raises(OSError, match="2 training state"):
+        check_space(tmp_path, model, keep_states=1)
+    (tmp_path / "state" / "step-000004").mkdir(parents=True)  # one kept already
+    check_space(tmp_path, model, keep_states=1)
+    with pytest.raises(OSError, match="2 training state"):
+        check_space(tmp_path, model, keep_states=2)
+
+
+def test_a_save_that_fails_leaves_the_last_state_and_says_so(tmp_path, monkeypatch, capsys,
+                                                              tiny_model):
+    """A disk that fills during the second training state's write (a fault injected into
+    safetensors' writer: SafetensorError, as a full disk raises it): the run stops with one
+    line naming the last complete state, which is intact, and nothing half-written stays."""
+    from safetensors import SafetensorError
+
+    import tao_fast.rl.state as state
+    from tao_fast.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    prompts(tmp_path / "prompts.jsonl", ["cats", "rain", "tea"])
+    run = write_config(tmp_path, "full", tiny_model, steps=4)
+    real, calls = state.save_file, {"n": 0}
+
+    def filling_disk(tensors, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the second state's first file
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: "
+                                  "StorageFull, message: \"No space left on device\" })")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(state, "save_file", filling_disk)
+    assert main(["tune", "--config", str(run.config), "run.save_every=1"]) == 2
+    err = capsys.readouterr().err
+    assert "tao-fast: error: " in err and "Traceback" not in err
+    assert "cannot write the training state" in err and "No space left" in err
+    assert "the last complete training state is " + str(run.dir / "state" / "step-000001") in err
+    assert latest_state(run.dir).name == "step-000001"
+    assert sorted(p.name for p in (run.dir / "state").iterdir()) == ["latest", "step-000001"]
+    kept = run.dir / "state" / "step-000001"
+    assert json.loads((kept / "state.json").read_text())["step"] == 1
+    assert load_file(str(kept / "model.safetensors")) and load_file(str(kept / "rng.safetensors"))
 
 
 def test_unresumable_dirs_say_why(tmp_path):
@@ -255,3 +299,21 @@ def test_an_over_long_prompt_is_refused_before_any_generation(tmp_path, monkeypa
     with pytest.raises(ConfigError, match=rf"{line}: 200,\d{{3}} prompt tokens \+ {key} exceed "
                                           r"the model's context of 8,192 tokens"):
         tao_fast.tune(run.config, ["data.eval=heldout.jsonl", "eval.before=true"])
+
+
+def test_a_run_whose_scoring_always_failed_says_so(tmp_path, monkeypatch, capsys, tiny_model):
+    """A user scorer that raises on every candidate: a warning at the first such step, and the
+    command exits 1 with one line instead of 0."""
+    from tao_fast.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken_scorer.py").write_text(
+        "def score(prompt, candidates):\n    raise KeyError('expected')\n")
+    prompts(tmp_path / "prompts.jsonl", ["cats", "rain"])
+    run = write_config(tmp_path, "failing", tiny_model, steps=2)
+    assert main(["tune", "--config", str(run.config), "scoring.scorer=python:broken_scorer:score",
+                 "run.keep_states=0"]) == 1
+    err = capsys.readouterr().err
+    assert "warning: step 1: every candidate's scoring failed" in err
+    assert err.count("every candidate's scoring failed (") == 1  # warned once, not per step
+    assert "tao-fast: error: every candidate's scoring failed in every step" in err

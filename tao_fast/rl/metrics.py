@@ -23,6 +23,7 @@ def rollout_metrics(rollouts: Rollouts, scores: ScoreResult, signal: Sequence[bo
         "zero_signal_groups": list(signal).count(False),
         "zero_signal_frac": list(signal).count(False) / len(signal),
         "score_failures": scores.num_failures,
+        "score_failure_frac": scores.num_failures / len(flat),
         **{f"score_failures/{k}": v for k, v in scores.failures.items()},
         **scores.stats,
         "response_tokens_mean": rollouts.num_tokens / len(flat),

@@ -17,6 +17,7 @@ def test_metrics_by_hand():
     assert m["reward_std"] == pytest.approx(0.125 ** 0.5)  # var = (.25 + .25 + 0 + 0) / 4
     assert (m["zero_signal_groups"], m["zero_signal_frac"]) == (1, 0.5)
     assert (m["score_failures"], m["score_failures/rules"], m["rules/x"]) == (1, 1, 0.25)
+    assert m["score_failure_frac"] == 0.25
     assert m["response_tokens_mean"] == pytest.approx(8 / 4)
     assert (m["gen_tokens"], m["gen_tokens_per_s"]) == (8, 4.0)
     assert (m["gen_seconds"], m["score_seconds"]) == (2.0, 0.5)
