@@ -5,12 +5,12 @@ deduplicates and splits what comes out of here; its docstring lists the formats 
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import sys
 import zlib
 from pathlib import Path
 
+from tao_fast.data.lines import numbered_lines, open_bytes
 from tao_fast.data.prompts import PromptFileError
 
 MAX_LINE_BYTES = 64 << 20  # a longer JSONL line is skipped unread, as "too long"
@@ -65,32 +65,14 @@ def _expand(paths, out_dir: Path) -> tuple[list[Path], list[str]]:
     return files, skipped
 
 
-def _is_gz(path: Path) -> bool:
-    with path.open("rb") as f:
-        return f.read(2) == b"\x1f\x8b" or path.suffix.lower() == ".gz"
-
-
-def _open(path: Path):
-    return gzip.open(path, "rb") if _is_gz(path) else path.open("rb")
-
-
 def _lines(f):
     """(line number, bytes) per line; bytes is None for a line over MAX_LINE_BYTES (unread)."""
-    ln = 0
-    while raw := f.readline(MAX_LINE_BYTES + 1):
-        ln += 1
-        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-            while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
-                pass
-            raw = None
-        elif ln == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark
-            raw = raw[3:]
-        yield ln, raw
+    return numbered_lines(f, MAX_LINE_BYTES)
 
 
 def read_jsonl_objects(path: Path):
     """(line, object, None) or (line, None, Drop) per non-blank line."""
-    with _open(path) as f:
+    with open_bytes(path) as f:
         for ln, raw in _lines(f):
             if raw is None:
                 yield ln, None, Drop("too long", f"line over {MAX_LINE_BYTES:,} bytes")
@@ -115,7 +97,7 @@ def read_csv_column(path: Path, column: str, delimiter: str = ","):
     """(line where the row starts, cell, None) or (line, None, Drop) per non-blank row."""
     old = csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))  # prompts can be huge
     try:
-        with _open(path) as f:
+        with open_bytes(path) as f:
             def text_lines():
                 for ln, raw in _lines(f):
                     if raw is None:
@@ -167,7 +149,7 @@ def read_parquet_column(path: Path, column: str):
         raise IngestError(f"{path}: reading Parquet needs the 'pyarrow' package "
                           "(pip install pyarrow)") from None
     try:
-        with _open(path) as src:
+        with open_bytes(path) as src:
             pf = pq.ParquetFile(src)
             names = pf.schema_arrow.names
             if column not in names:
