@@ -90,4 +90,5 @@ def test_parse_errors_are_one_line_with_the_line(tmp_path):
     broken.write_text("rl:\n  lr: 1\n rollout: 2\n")
     with pytest.raises(ConfigError) as e:
         load_config(broken)
-    assert "\n" not in str(e.value) and "broken.yaml: cannot parse: line 3, column 2" in str(e.value)
+    msg = str(e.value)
+    assert "\n" not in msg and "broken.yaml: cannot parse: line 3, column 2" in msg
