@@ -308,19 +308,58 @@ def parse_override(item: str) -> tuple[str, object]:
     return key.strip(), value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML itself keeps the
+    last one silently, so a repeated section would drop the first one's keys)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key_node.tag != "tag:yaml.org,2002:merge" and key in seen:
+                raise ConfigError(f"{self.name}:{key_node.start_mark.line + 1}: duplicate key "
+                                  f"{key!r} (first at line {seen[key] + 1})")
+            seen.setdefault(key, key_node.start_mark.line)
+        return super().construct_mapping(node, deep)
+
+
+def _decode(path: Path, data: bytes) -> str:
+    """The file's text; a non-UTF-8 byte is a ConfigError naming its line and column."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 (column {col})") from None
+
+
 def read_config_file(path) -> dict:
+    """A YAML or TOML config file -> {section: {key: value}}. Errors are ConfigErrors naming
+    the file (and line): missing, not UTF-8, unparsable, a key given twice, not a mapping."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = _decode(path, path.read_bytes())
     try:
         if path.suffix == ".toml":
             import tomllib
 
-            data = tomllib.loads(text)
+            data = tomllib.loads(text)  # refuses duplicate keys and tables itself
         else:
-            data = yaml.safe_load(text) or {}
-    except Exception as e:  # noqa: BLE001 - both parsers name the line in their message
+            loader = _UniqueKeyLoader(text)
+            loader.name = str(path)
+            try:
+                data = loader.get_single_data() or {}
+            finally:
+                loader.dispose()
+    except ConfigError:
+        raise
+    except yaml.MarkedYAMLError as e:  # one line: where, and what (not yaml's source excerpt)
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = "; ".join(x for x in (e.context, e.problem) if x)
+        raise ConfigError(f"{path}: cannot parse: {where}{what}") from None
+    except Exception as e:  # noqa: BLE001 - tomllib's message names the line
         raise ConfigError(f"{path}: cannot parse: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")

@@ -12,10 +12,12 @@ writes RUN_DIR/report.md with RUN_DIR/report/*.png beside it:
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import yaml
 
+from tao_fast.config import ConfigError
 from tao_fast.fileio import atomic_write_text
 
 PHASES = (("gen_seconds", "generation"), ("score_seconds", "scoring"),
@@ -31,26 +33,98 @@ def _plt():
     return plt
 
 
+METRIC_FIELDS = ("reward_mean", "zero_signal_frac", "gen_tokens_per_s")  # every step's line
+EVAL_FIELDS = ("n", "mean_score", "accuracy", "ci_low", "ci_high", "mean_response_tokens")
+MANIFEST_FIELDS = ("round", "n_new", "n_replay")  # and new_files, a list
+
+
 def read_run(run_dir) -> dict:
+    """What the run left: metrics lines, evals by name, config, manifest lines. A file that
+    cannot be read is a ConfigError naming it (and the line): not UTF-8, not JSON/YAML, a
+    record without a field the report shows. A torn *last* line of metrics.jsonl (no newline:
+    the run was killed while writing it) is skipped with a warning."""
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").exists():
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (not a tao-fast run directory)")
-    metrics = []
-    for ln, line in enumerate((run_dir / "metrics.jsonl").read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                metrics.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise ValueError(f"{run_dir / 'metrics.jsonl'}:{ln}: not JSON") from None
-    evals = {}
-    for f in sorted(run_dir.glob("eval_*.json")):
-        evals[f.stem[len("eval_"):]] = json.loads(f.read_text())
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) \
-        if (run_dir / "config.yaml").exists() else {}
-    manifest = [json.loads(x) for x in (run_dir / "manifest.jsonl").read_text().splitlines()] \
+    evals = {f.stem[len("eval_"):]: _record(str(f), _json(_text(f), str(f)), EVAL_FIELDS)
+             for f in sorted(run_dir.glob("eval_*.json"))}
+    manifest = _jsonl(run_dir / "manifest.jsonl", MANIFEST_FIELDS, lists=("new_files",)) \
         if (run_dir / "manifest.jsonl").exists() else []
-    return {"dir": run_dir, "metrics": metrics, "evals": evals, "config": cfg,
-            "manifest": manifest}
+    return {"dir": run_dir, "metrics": _jsonl(run_dir / "metrics.jsonl", METRIC_FIELDS,
+                                              torn_ok=True),
+            "evals": evals, "config": _config(run_dir / "config.yaml"), "manifest": manifest}
+
+
+def _text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8") from None
+
+
+def _json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
+
+
+def _record(where: str, obj, numbers: tuple[str, ...], lists: tuple[str, ...] = ()) -> dict:
+    """obj, checked to be a mapping with a number in each of `numbers`, a list in `lists`."""
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got a {type(obj).__name__}")
+    for k in (*numbers, *lists):
+        if k not in obj:
+            raise ConfigError(f"{where}: no field {k!r}")
+    for k in numbers:
+        if isinstance(obj[k], bool) or not isinstance(obj[k], (int, float)):
+            raise ConfigError(f"{where}: field {k!r} is {obj[k]!r}, not a number")
+    for k in lists:
+        if not isinstance(obj[k], list):
+            raise ConfigError(f"{where}: field {k!r} is {obj[k]!r}, not a list")
+    return obj
+
+
+def _jsonl(path: Path, numbers: tuple[str, ...], lists: tuple[str, ...] = (),
+           torn_ok: bool = False) -> list[dict]:
+    """The records of a JSONL file; torn_ok: a last line without its newline that is not JSON
+    is skipped with a warning on stderr."""
+    lines = _text(path).split("\n")  # a file ending in a newline ends in ""
+    out = []  # (where, object): every line's JSON first, then their fields
+    for ln, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{ln}"
+        if torn_ok and ln == len(lines):  # the last line, and no newline after it
+            try:
+                json.loads(line)
+            except json.JSONDecodeError:
+                print(f"tao-fast: warning: {where}: a torn last line (the run was killed while "
+                      f"writing it): skipped", file=sys.stderr)
+                continue
+        out.append((where, _json(line, where)))
+    return [_record(where, obj, numbers, lists) for where, obj in out]
+
+
+def _config(path: Path) -> dict:
+    """config.yaml as {section: {key: value}}; {} when the run has none."""
+    if not path.exists():
+        return {}
+    try:
+        cfg = yaml.safe_load(_text(path)) or {}
+    except yaml.MarkedYAMLError as e:
+        line = f":{e.problem_mark.line + 1}" if e.problem_mark else ""
+        raise ConfigError(f"{path}{line}: not YAML ({e.problem})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not YAML ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: not a run config (a {type(cfg).__name__}, not sections)")
+    for k, v in cfg.items():
+        if not isinstance(v, dict):
+            raise ConfigError(f"{path}: not a run config ({k!r} is not a section of keys)")
+    return cfg
 
 
 def eval_points(evals: dict) -> list[str]:

@@ -1,5 +1,6 @@
 import pytest
 
+from tao_fast.cli import main
 from tao_fast.config import ConfigError, load_config
 
 
@@ -49,3 +50,45 @@ def test_file_errors_name_the_file(tmp_path):
         load_config(broken)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_non_utf8_config_is_one_line_naming_the_file(tmp_path, capsys):
+    y = tmp_path / "latin1.yaml"
+    y.write_bytes("rl:\n  lr: 1e-5\n# caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml:3: not UTF-8 \(column 6\)"):
+        load_config(y)
+    assert main(["tune", "--config", str(y)]) == 2  # the CLI: one line, no traceback
+    assert capsys.readouterr().err == f"tao-fast: error: {y}:3: not UTF-8 (column 6)\n"
+    t = tmp_path / "bad.toml"
+    t.write_bytes(b"[rl]\nlr = 1e-5 # \xff\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml:2: not UTF-8"):
+        load_config(t)
+
+
+@pytest.mark.parametrize("text, line, first, key", [
+    ("rl:\n  lr: 1e-5\nrollout:\n  n: 4\nrl:\n  kl_coef: 0.1\n", 5, 1, "rl"),
+    ("rl:\n  lr: 1e-5\n  kl_coef: 0.1\n  lr: 3e-5\n", 4, 2, "lr"),
+    ("rl: {lr: 1e-5, lr: 2e-5}\n", 1, 1, "lr"),
+])
+def test_duplicate_yaml_keys_are_errors(tmp_path, text, line, first, key):
+    y = tmp_path / "dup.yaml"
+    y.write_text(text)
+    with pytest.raises(ConfigError, match=rf"dup\.yaml:{line}: duplicate key '{key}' "
+                                          rf"\(first at line {first}\)"):
+        load_config(y)
+
+
+def test_duplicate_toml_keys_name_the_file_and_line(tmp_path):
+    t = tmp_path / "dup.toml"
+    t.write_text("[rl]\nlr = 1e-5\n[run]\nsteps = 2\n[rl]\nkl_coef = 0.1\n")
+    with pytest.raises(ConfigError, match=r"dup\.toml: cannot parse: .*line 5"):
+        load_config(t)
+
+
+def test_parse_errors_are_one_line_with_the_line(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("rl:\n  lr: 1\n rollout: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(broken)
+    msg = str(e.value)
+    assert "\n" not in msg and "broken.yaml: cannot parse: line 3, column 2" in msg

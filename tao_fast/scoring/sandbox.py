@@ -22,8 +22,9 @@ Layers, outside in, and what each does NOT cover:
    silently and `res.layers` says so: then only the guard (5) stops network use.
 3. Identity: as root the child becomes uid/gid nobody (65534), no supplementary groups, so
    RLIMIT_NPROC binds (root ignores it) and it can neither change root's files nor signal root's
-   processes. Where the interpreter lies under a directory nobody cannot enter (here /root is
-   0700) it keeps CAP_DAC_READ_SEARCH alone: it can then READ any file, never write one.
+   processes. Where the interpreter, or one of the caller's `read_dirs`, lies under a directory
+   nobody cannot enter (here /root is 0700) it keeps CAP_DAC_READ_SEARCH alone: it can then READ
+   any file, never write one.
    Always PR_SET_NO_NEW_PRIVS, non-dumpable (no ptrace, /proc/self/mem not writable). Not root:
    it stays the calling user and can write what that user can, wherever the guard is bypassed.
 4. rlimits: CPU seconds, address space (memory_mb), size of each file written, processes and
@@ -67,7 +68,12 @@ class SandboxResult:
 
 def run(worker, payload, *, timeout_s: float = 10.0, memory_mb: int = 512, files=None,
         file_mb: int = 16, disk_mb: int = 64, nproc: int = 16, site_packages: bool = False,
-        guard: bool = True, namespaces: bool = True, max_output: int = 4 << 20) -> SandboxResult:
+        guard: bool = True, namespaces: bool = True, max_output: int = 4 << 20,
+        read_dirs=()) -> SandboxResult:
+    """Run `worker(payload, emit)` in the sandbox (see the module docstring). read_dirs: the
+    directories the worker reads besides the interpreter's (a user scorer's module and working
+    directory); as root, where uid nobody cannot list one of them or enter a directory above,
+    the child keeps CAP_DAC_READ_SEARCH (layer 3)."""
     import inspect
     import shutil
     import subprocess
@@ -86,7 +92,7 @@ def run(worker, payload, *, timeout_s: float = 10.0, memory_mb: int = 512, files
             os.chown(work, NOBODY, NOBODY)
         cfg = {"cpu_s": int(timeout_s) + 1, "memory_mb": memory_mb, "file_mb": file_mb,
                "disk_mb": disk_mb, "nproc": nproc, "guard": guard, "namespaces": namespaces,
-               "keep_read_cap": not _nobody_can_read_python()}  # decided here, cached
+               "keep_read_cap": not (_nobody_can_read_python() and _nobody_can_read(read_dirs))}
         request = json.dumps({"cfg": cfg, "source": inspect.getsource(worker),
                               "worker": worker.__name__, "payload": payload}).encode()
         cmd = [sys.executable, "-I", *([] if site_packages else ["-S"]), os.path.abspath(__file__)]
@@ -217,6 +223,22 @@ def _nobody_can_read_python() -> bool:
         except OSError:
             _READABLE.append(False)
     return _READABLE[0]
+
+
+def _nobody_can_read(dirs) -> bool:
+    """Whether uid nobody (as "other") can list each of `dirs` and enter every directory on the
+    way to it."""
+    for d in map(os.path.realpath, dirs):
+        try:
+            if os.stat(d).st_mode & 0o005 != 0o005:
+                return False
+            while d != os.path.dirname(d):
+                d = os.path.dirname(d)
+                if not os.stat(d).st_mode & 0o001:
+                    return False
+        except OSError:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------- the child side

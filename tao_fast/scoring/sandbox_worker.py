@@ -1,64 +1,70 @@
-"""Child process of PythonFunctionScorer: reads one JSON request on stdin, writes one JSON line.
+"""What runs inside the sandbox (tao_fast/scoring/sandbox.py) for PythonFunctionScorer: import
+the user's function and call it on every item of the batch.
 
-Request: {"target", "func", "cwd", "check"?: true, "items"?: [{"prompt", "candidates"}]}.
-Reply: {"ok": true} for a check, {"results": [{"rewards": [...]} | {"error": "..."}]} for items,
-or {"fatal": "..."} when the function cannot be loaded. Runs under the parent's rlimits.
+`call_user` is a sandbox worker: its source alone is sent to the child, so it imports only the
+standard library, inside its body. Payload: {"target", "func", "cwd", "path", "check"?: true,
+"items"?: [{"prompt", "candidates"}]}. It emits one reply: {"ok": true} for a check,
+{"results": [{"rewards": [...]} | {"error": "..."}]} for items, or {"fatal": "..."} when the
+function cannot be loaded.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import json
-import math
-import sys
-import traceback
 
+def call_user(payload, emit):
+    """Load payload's target:func (a module found on payload["path"], or a .py file relative
+    to payload["cwd"]) with cwd as the working directory, and emit the reply."""
+    import importlib
+    import importlib.util
+    import math
+    import os
+    import sys
+    import traceback
 
-def load(target: str, func: str, cwd: str):
-    if target.endswith(".py"):
-        import os
-
-        path = target if os.path.isabs(target) else os.path.join(cwd, target)
-        if not os.path.exists(path):
-            raise ImportError(f"file {path} does not exist")
-        spec = importlib.util.spec_from_file_location("tao_user_scorer", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    else:
-        sys.path.insert(0, cwd)
-        mod = importlib.import_module(target)
-    fn = getattr(mod, func, None)
-    if not callable(fn):
-        raise ImportError(f"{target} has no callable {func!r}")
-    return fn
-
-
-def main():
-    req = json.loads(sys.stdin.read())
-    real_stdout, sys.stdout = sys.stdout, sys.stderr  # user prints must not corrupt the reply
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")  # threads count against the sandbox's process limit
+    sys.path[:0] = [p for p in payload["path"] if p not in sys.path]
     try:
-        fn = load(req["target"], req["func"], req["cwd"])
+        os.chdir(payload["cwd"])  # relative reads as in the trainer; writes stay refused
+    except OSError:
+        pass
+
+    def load(target, func):
+        if target.endswith(".py"):
+            path = os.path.join(payload["cwd"], target)
+            if not os.path.exists(path):
+                raise ImportError(f"file {path} does not exist")
+            spec = importlib.util.spec_from_file_location("tao_user_scorer", path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+        else:
+            mod = importlib.import_module(target)
+        fn = getattr(mod, func, None)
+        if not callable(fn):
+            raise ImportError(f"{target} has no callable {func!r}")
+        return fn
+
+    def call(fn, item):
+        r = [float(x) for x in fn(item["prompt"], item["candidates"])]
+        if len(r) != len(item["candidates"]):
+            raise ValueError(f"returned {len(r)} rewards for {len(item['candidates'])} "
+                             f"candidates")
+        if not all(math.isfinite(x) for x in r):
+            raise ValueError(f"returned a non-finite reward: {r}")
+        return {"rewards": r}
+
+    try:
+        fn = load(payload["target"], payload["func"])
     except Exception as e:  # noqa: BLE001 - reported to the parent
-        real_stdout.write(json.dumps({"fatal": f"cannot load: {type(e).__name__}: {e}"}) + "\n")
+        emit({"fatal": f"cannot load: {type(e).__name__}: {e}"[:2000]})
         return
-    if req.get("check"):
-        real_stdout.write(json.dumps({"ok": True}) + "\n")
+    if payload.get("check"):
+        emit({"ok": True})
         return
     results = []
-    for item in req["items"]:
+    for item in payload["items"]:
         try:
-            r = [float(x) for x in fn(item["prompt"], item["candidates"])]
-            if len(r) != len(item["candidates"]):
-                raise ValueError(f"returned {len(r)} rewards for {len(item['candidates'])} "
-                                 f"candidates")
-            if not all(math.isfinite(x) for x in r):
-                raise ValueError(f"returned a non-finite reward: {r}")
-            results.append({"rewards": r})
+            results.append(call(fn, item))
         except Exception as e:  # noqa: BLE001 - recorded on the candidates
             tb = traceback.format_exception_only(type(e), e)[-1].strip()
-            results.append({"error": tb})
-    real_stdout.write(json.dumps({"results": results}) + "\n")
-
-
-if __name__ == "__main__":
-    main()
+            results.append({"error": tb[:500]})
+    emit({"results": results})

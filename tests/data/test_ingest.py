@@ -27,7 +27,9 @@ def jl(path, rows, gz=False):
 
 
 def out_records(out, name="train.jsonl"):
-    return [json.loads(line) for line in (Path(out) / name).read_text().splitlines()]
+    """The records of an output file; [] for one ingest did not write (nothing to put in it)."""
+    path = Path(out) / name
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def kept(out):
@@ -305,6 +307,8 @@ def test_ingest_keeps_first_of_each_normalised_prompt(prompts):
         s = ingest([p], Path(d) / "out", near_dup_threshold=None, heldout_frac=0.5)
         train = [r["messages"][0]["content"] for r in out_records(Path(d) / "out")]
         held = [r["messages"][0]["content"] for r in out_records(Path(d) / "out", "heldout.jsonl")]
+        assert (Path(d) / "out" / "train.jsonl").exists() == bool(train)  # never an empty one
+        assert (Path(d) / "out").exists() == bool(expect)  # nothing kept: nothing written
     assert sorted(train + held) == sorted(expect)
     assert [t for t in expect if t in set(train)] == train  # input order kept
     assert s.read == len(prompts) == s.kept + sum(s.dropped.values())
@@ -351,3 +355,67 @@ def test_cli_help_lists_ingest(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "ingest" in capsys.readouterr().out
+
+
+# ---- reliability: malformed CSV, over-long rows, nothing kept ---------------------------------
+def test_unterminated_csv_quote_is_reported_not_swallowing_rows(tmp_path):
+    (tmp_path / "a.csv").write_text('prompt\n"unterminated\nrow two\nrow three\n')
+    (tmp_path / "b.csv").write_text('id,prompt\n1,fine\n2,"unterminated, then\n3,next row\n'
+                                    '4,"quoted row"\n5,"multi\nline, kept"\n')
+    s = ingest([tmp_path / "a.csv", tmp_path / "b.csv"], tmp_path / "out", heldout_frac=0.0)
+    assert user_texts(tmp_path / "out") == sorted(["row two", "row three", "fine", "next row",
+                                                   "quoted row", "multi\nline, kept"])
+    assert s.dropped == {"bad CSV row": 2} and s.malformed == 2 and s.kept == 6
+    assert s.malformed_lines() == [
+        f"{tmp_path / 'a.csv'}:2: bad CSV row (unexpected end of data; rows after its first line "
+        "read again)",
+        f"{tmp_path / 'b.csv'}:3: bad CSV row (',' expected after '\"'; rows after its first line "
+        "read again)"]
+    srcs = {r["messages"][-1]["content"]: r["source"] for r in kept(tmp_path / "out")}
+    assert srcs["row two"] == f"{tmp_path / 'a.csv'}:3" and srcs["next row"].endswith("b.csv:4")
+
+
+def test_csv_rereads_are_bounded(tmp_path, monkeypatch):
+    rows = "".join(f'"open {i}\n' for i in range(6))  # every line opens a quote it never closes
+    (tmp_path / "q.csv").write_text("prompt\n" + rows + "tail\n")
+    s = ingest([tmp_path / "q.csv"], tmp_path / "out", heldout_frac=0.0)
+    assert s.dropped == {"bad CSV row": 6} and user_texts(tmp_path / "out") == ["tail"]
+    monkeypatch.setattr(logs, "MAX_CSV_REREADS", 2)  # then a bad row takes its lines with it:
+    s = ingest([tmp_path / "q.csv"], tmp_path / "o2", heldout_frac=0.0)  # 2, 3, 4-5, 6-7
+    assert s.dropped == {"bad CSV row": 4} and user_texts(tmp_path / "o2") == ["tail"]
+
+
+def test_an_over_long_csv_line_drops_its_row_not_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(logs, "MAX_LINE_BYTES", 1000)
+    (tmp_path / "c.csv").write_text("prompt,n\nbefore,1\n" + "z" * 5000 + ",2\n"
+                                    '"multi\n' + "y" * 5000 + '",3\nafter,4\n')
+    s = ingest([tmp_path / "c.csv"], tmp_path / "out", heldout_frac=0.0)
+    assert s.dropped == {"too long": 2} and user_texts(tmp_path / "out") == ["after", "before"]
+    assert "too long 2" in s.text()
+    s = ingest([tmp_path / "c.csv"], tmp_path / "o2", heldout_frac=0.0, max_chars=3)
+    assert s.dropped == {"too long": 4} and "dropped 4: too long 4" in s.text()
+
+
+def test_nothing_kept_for_training_writes_no_train_file(tmp_path, capsys):
+    out = tmp_path / "outs" / "week1"
+    jl(tmp_path / "bad.jsonl", ["{bad", '{"prompt": ""}'])
+    s = ingest([tmp_path / "bad.jsonl"], out)
+    assert s.kept == 0 and not out.exists() and s.written == []  # a refusal writes nothing
+    assert f"nothing written to {out}: no prompt kept" in s.text()
+    jl(tmp_path / "one.jsonl", [{"prompt": "the only prompt"}])
+    ingest([tmp_path / "one.jsonl"], out, heldout_frac=0.0)
+    assert main(["ingest", str(tmp_path / "bad.jsonl"), "--out", str(out)]) == 1
+    assert "no prompts kept" in capsys.readouterr().err
+    assert [r["messages"][0]["content"] for r in out_records(out)] == ["the only prompt"]  # kept
+    s = ingest([tmp_path / "one.jsonl"], out, heldout_frac=1.0)  # all held out: no train file
+    assert (s.train, s.heldout) == (0, 1) and s.written == ["heldout.jsonl", "ingest_summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["heldout.jsonl", "ingest_summary.json"]
+    assert "no train.jsonl written: every kept prompt is held out" in s.text()
+    assert json.loads((out / "ingest_summary.json").read_text())["written"] == s.written
+    jl(tmp_path / "two.jsonl", [{"prompt": "another prompt"}])  # a directory of ingest outputs
+    ingest([tmp_path / "two.jsonl"], tmp_path / "outs" / "week2", heldout_frac=0.0)
+    from tao_fast.config import DataConfig
+    from tao_fast.data.sources import load_prompts
+
+    train, _ = load_prompts(DataConfig(train=str(tmp_path / "outs")), seed=0)  # tune reads on
+    assert [r.text for r in train] == ["another prompt"] and capsys.readouterr().err == ""

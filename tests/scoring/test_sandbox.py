@@ -202,6 +202,21 @@ def test_fork_limits_hold_without_guard(layers):
         assert wait_no_nobody() == 0  # nothing survives the namespace
 
 
+def test_read_dirs_decide_whether_the_read_capability_is_kept(tmp_path):
+    import tempfile
+
+    open_dir = tempfile.mkdtemp(dir="/tmp")
+    try:
+        os.chmod(open_dir, 0o755)
+        closed = tmp_path / "closed"
+        closed.mkdir(mode=0o700)
+        assert sandbox._nobody_can_read([open_dir]) == bool(os.stat("/tmp").st_mode & 0o001)
+        assert not sandbox._nobody_can_read([open_dir, str(closed)])
+        assert not sandbox._nobody_can_read([str(tmp_path / "missing")])
+    finally:
+        os.rmdir(open_dir)
+
+
 # ------------------------------------------------------------------------------------ code
 
 def test_fence_extraction_and_test_splitting():
