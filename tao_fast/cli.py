@@ -241,8 +241,10 @@ def cmd_ingest(args) -> int:
     for line in bad[:20]:
         print(line, file=sys.stderr)
     if s.malformed > min(len(bad), 20):
-        print(f"... {s.malformed - min(len(bad), 20):,} more malformed records "
-              f"(counts per file in {args.out}/ingest_summary.json)", file=sys.stderr)
+        where = (f"counts per file in {args.out}/ingest_summary.json" if s.kept
+                 else "nothing was written; the counts per file are in the summary below")
+        print(f"... {s.malformed - min(len(bad), 20):,} more malformed records ({where})",
+              file=sys.stderr)
     print(s.text())
     if not s.kept:
         print("tao-fast: error: no prompts kept", file=sys.stderr)

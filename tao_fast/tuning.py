@@ -119,22 +119,23 @@ class TaoRecipe:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
+        """Everything that can refuse the run, then the run directory's files: a refused
+        setup leaves an existing run directory as it was."""
         self.setup_run()
         self.setup_scoring()
         self.setup_learner()
         self.restore()
         self.setup_engine()
+        self.write_run_files()
         if self.cfg.eval.before:
             self.result.eval_before = self.eval_before()
 
     def setup_run(self) -> None:
-        """The run directory (writable), the process group under torchrun, config.yaml, the
-        CPU threads and the seed."""
+        """The run directory (writable), the process group under torchrun, the CPU threads and
+        the seed."""
         check_writable(self.run_dir)
         dist_.init(self.cfg.run.dist_timeout_s, self.run_dir)
         self.progress = self.cfg.run.progress and dist_.is_main()  # one bar: rank 0's
-        if dist_.is_main():
-            save_config(self.cfg, self.run_dir / "config.yaml")
         if self.cfg.run.threads:
             torch.set_num_threads(self.cfg.run.threads)
         torch.manual_seed(self.cfg.run.seed)
@@ -172,8 +173,8 @@ class TaoRecipe:
 
     def restore(self) -> None:
         """Where the run starts: round 1, step 1, or where its newest training state says
-        (weights, optimizer, scheduler, RNGs, data position); metrics.jsonl keeps the lines of
-        the steps done (later ones are redone) and the manifest the rounds begun."""
+        (weights, optimizer, scheduler, RNGs, data position); the metrics of the steps done
+        and the manifest of the rounds begun are kept."""
         cfg = self.cfg
         self.round, self.step, self.order = 1, 1, []
         self.rng = random.Random(cfg.run.seed)
@@ -198,7 +199,6 @@ class TaoRecipe:
             why = "run.keep_states=0 writes none" if not cfg.run.keep_states else "none saved yet"
             log(f"[tao-fast] {self.run_dir} has no training state ({why}): starting it from "
                 f"the beginning")
-        self._write_lines("metrics.jsonl", self.result.metrics)
         self.manifest = self.manifest[:self.round - (self.pool is None)]
 
     def setup_engine(self) -> None:
@@ -223,6 +223,13 @@ class TaoRecipe:
         log(f"[tao-fast] model {self.model_dir} ({n_params / 1e6:.1f}M params), "
             f"{len(self.train_prompts)} training prompts, {len(self.held_out)} held-out, scorer "
             f"{self.scorer.name} (held-out scored by {self.eval_scorer.name})")
+
+    def write_run_files(self) -> None:
+        """config.yaml, and metrics.jsonl with the lines of the steps done (a resumed run
+        redoes the steps after its state)."""
+        if dist_.is_main():
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        self._write_lines("metrics.jsonl", self.result.metrics)
 
     def _refuse_policy_judge_under_dp(self) -> None:
         for where, s in (("scoring.scorer", self.scorer), ("eval.scorer", self.eval_scorer)):

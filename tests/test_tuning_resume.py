@@ -317,3 +317,18 @@ def test_a_run_whose_scoring_always_failed_says_so(tmp_path, monkeypatch, capsys
     assert "warning: step 1: every candidate's scoring failed" in err
     assert err.count("every candidate's scoring failed (") == 1  # warned once, not per step
     assert "tao-fast: error: every candidate's scoring failed in every step" in err
+
+
+def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path, monkeypatch, tiny_model):
+    """A resume that a check refuses (here: a prompt file changed since its round read it)
+    stops before it writes anything: config.yaml, metrics.jsonl and the state stay."""
+    monkeypatch.chdir(tmp_path)
+    prompts(tmp_path / "prompts.jsonl", ["cats", "rain", "tea"])
+    run = write_config(tmp_path, "kept", tiny_model, steps=4)
+    q = cli("tune", "--config", run.config, cwd=tmp_path, env={"TAO_FAST_KILL_AT": "4"})
+    q.communicate(timeout=300)
+    before = {p: p.read_bytes() for p in run.dir.rglob("*") if p.is_file()}
+    prompts(tmp_path / "prompts.jsonl", ["cats", "rain", "coffee"])
+    with pytest.raises(ResumeError):
+        tao_fast.tune(resume=run.dir, overrides=["rl.lr=1e-2"])
+    assert {p: p.read_bytes() for p in run.dir.rglob("*") if p.is_file()} == before
