@@ -24,13 +24,13 @@ What one size reports (each mode in its own process, so one's memory never shows
   apart      VllmEngine(weight_sync=reload): vLLM keeps its own weight copy and its KV cache
              stays resident while the learner trains (no sleep): the same round.
 Peak memory = device memory in use (total - free, polled every 10 ms; vLLM's sleep-mode pools are
-outside torch's allocator statistics), over the round. JSON to $OUT or bench/out/.
+outside torch's allocator statistics), over the round. Rows are printed and appended to
+$OUT/gpu_vllm_sync.jsonl (or --jsonl) as each mode finishes (bench/harness.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -40,6 +40,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from harness import add_output_args, open_results  # noqa: E402
+
+COLUMNS = [("size", "size", ""), ("params_b", "params B", ".2f"), ("mode", "mode", ""),
+           ("learner_dtype", "learner", ""), ("sync_path", "sync path", ""),
+           ("sync_ms", "sync ms", ".0f"), ("round_peak_gib", "round peak GiB", ".1f"),
+           ("engine_start_s", "engine start s", ".0f"),
+           ("gen_tokens_per_s", "gen tok/s", ".0f"), ("sleep_ms", "sleep ms", ".0f"),
+           ("wake_ms", "wake ms", ".0f"), ("train_s", "train s", ".1f")]
 SIZES = {  # hidden, intermediate, layers, heads, kv heads
     "1b": (2048, 8192, 16, 32, 8),
     "8b": (4096, 14336, 32, 32, 8),
@@ -203,6 +211,7 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--mode", default="", help=argparse.SUPPRESS)  # child process
     ap.add_argument("--model-dir", default="", help=argparse.SUPPRESS)
+    add_output_args(ap, "gpu_vllm_sync")
     a = ap.parse_args(argv)
     if a.mode:
         print("RESULT " + json.dumps(one_mode(a)), flush=True)
@@ -219,45 +228,42 @@ def main(argv=None):
             return
     elif not ok:
         raise SystemExit(why)
-    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "out")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    res = open_results(a, "gpu_vllm_sync", a.dry_run)
+    res.meta("cuda" if not a.dry_run else "cpu", config=vars(a))
+    table = res.table("vllm_sync", "colocated vLLM: one round (generate, sleep, train, sync, "
+                      "wake)", COLUMNS)
     rows = []
     for size in a.sizes.split(","):
         mdir = a.model or str(synthetic_model_dir(size, Path(a.tmp)))
         for mode in ("colocated", "apart"):
-            cmd = [sys.executable, __file__, "--mode", mode, "--model-dir", mdir]
-            for k in ("learner_dtype", "prompts", "n", "prompt_len", "max_tokens", "mb_tokens",
-                      "gpu_memory_utilization", "kv_cache_gb", "repeats", "tmp"):
-                cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
-            cmd += ["--eager"] * a.eager + ["--dry-run"] * a.dry_run
-            print(f"[bench] {size} {mode} ...", file=sys.stderr, flush=True)
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-            if p.returncode or not line:
-                rows.append({"size": size, "mode": mode, "error": (p.stderr or p.stdout)[-2000:]})
-                print(rows[-1]["error"], file=sys.stderr)
-                continue
-            rows.append({"size": size, **json.loads(line[0][7:])})
-    (out_dir / "gpu_vllm_sync.json").write_text(json.dumps(rows, indent=1))
-    print("| size | mode | learner | sync path | sync | round peak | engine start | gen tok/s "
-          "| sleep / wake | train |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['size']} | {r['mode']} | failed: see stderr | | | | | | | |")
-            continue
-        print(f"| {r['size']} ({r['params'] / 1e9:.2f}B) | {r['mode']} | {r['learner_dtype']} | "
-              f"{r['sync_path']} | {r['sync_s'] * 1e3:.0f} ms | {r['round_peak_gib']:.1f} GiB | "
-              f"{r['engine_start_s']:.0f} s | {r['gen_tokens_per_s']:.0f} | "
-              f"{r['sleep_s'] * 1e3:.0f} / {r['wake_s'] * 1e3:.0f} ms | {r['train_s']:.1f} s |")
-    print("\nsync, median: the engine's shared sync vs vLLM's reload_weights from memory vs a "
-          "checkpoint save + reload from disk")
+            rows.append(table.add(run_mode(a, size, mode, mdir)))
     for r in rows:
         if r.get("mode") == "colocated" and "sync_reload_inmemory_s" in r:
-            print(f"- {r['size']}: shared ({r['sync_path']}) {r['sync_shared_s'] * 1e3:.0f} ms; "
-                  f"reload in memory {r['sync_reload_inmemory_s'] * 1e3:.0f} ms; disk "
-                  f"{r['disk_save_s']:.1f} s save + {r['disk_reload_s']:.1f} s reload")
-    print(f"\nJSON: {out_dir / 'gpu_vllm_sync.json'}")
+            res.note(f"sync, median, {r['size']}: shared ({r['sync_path']}) "
+                     f"{r['sync_shared_s'] * 1e3:.0f} ms; vLLM reload_weights in memory "
+                     f"{r['sync_reload_inmemory_s'] * 1e3:.0f} ms; disk {r['disk_save_s']:.1f} s "
+                     f"save + {r['disk_reload_s']:.1f} s reload")
+    res.close()
+
+
+def run_mode(a, size, mode, mdir) -> dict:
+    """One mode of one size in a child process -> its row (the child's error in "error")."""
+    cmd = [sys.executable, __file__, "--mode", mode, "--model-dir", mdir]
+    for k in ("learner_dtype", "prompts", "n", "prompt_len", "max_tokens", "mb_tokens",
+              "gpu_memory_utilization", "kv_cache_gb", "repeats", "tmp"):
+        cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
+    cmd += ["--eager"] * a.eager + ["--dry-run"] * a.dry_run
+    print(f"[bench] {size} {mode} ...", file=sys.stderr, flush=True)
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    if p.returncode or not line:
+        tail = (p.stderr or p.stdout).strip().splitlines() or ["no output"]
+        print("\n".join(tail[-40:]), file=sys.stderr)
+        return {"size": size, "mode": mode, "error": f"exit {p.returncode}: {tail[-1][:200]}"}
+    r = {"size": size, **json.loads(line[0][7:])}
+    r.update(params_b=r["params"] / 1e9, sync_ms=r["sync_s"] * 1e3,
+             sleep_ms=r["sleep_s"] * 1e3, wake_ms=r["wake_s"] * 1e3)
+    return r
 
 
 if __name__ == "__main__":
