@@ -5,9 +5,9 @@
 # result). It fits 9 minutes of wall time: bench/gpu_suite.py runs the steps in order, each in
 # its own process with its own time limit and log, and a step that fails or runs out of time
 # never stops the next:
-#   smoke      60 s   each Triton op once (bf16 and fp32) vs a float64 oracle: PASS / FAIL
-#   loss      115 s   linear_logprob / pg_loss vs eager torch, Liger, CCE, cuBLAS (3 shapes)
-#   attention  70 s   varlen attention: Triton vs padded SDPA (flash-attn if present)
+#   smoke      75 s   each Triton op once (bf16 and fp32) vs a float64 oracle: PASS / FAIL
+#   loss      105 s   linear_logprob / pg_loss vs eager torch, Liger, CCE, cuBLAS (3 shapes)
+#   attention  65 s   varlen attention: Triton vs padded SDPA (flash-attn if present)
 #   learner   175 s   learner step (0.5B, 1.5B): tao-fast vs transformers and Liger
 #   flex       65 s   FlexAttention, last (torch.compile)
 # = 485 s of limits + 5 s kill grace each + ~25 s probe and install: <= 535 s (gpu_suite.py's

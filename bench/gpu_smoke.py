@@ -1,6 +1,6 @@
 """Smoke check of every Triton op on the GPU, one line each: PASS or FAIL.
 
-    python bench/gpu_smoke.py              # CUDA: ~45 s, most of it Triton compiling
+    python bench/gpu_smoke.py              # CUDA: ~65 s (estimate), mostly Triton compiling
     python bench/gpu_smoke.py --dry-run    # CPU: the same checks in the Triton interpreter
 
 Each op runs once through tao_fast.ops with backend="triton", in bf16 and in fp32, on fresh

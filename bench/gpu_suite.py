@@ -67,18 +67,20 @@ class Step:
 
 
 STEPS = (
-    Step("smoke", "gpu_smoke.py", "each Triton op once vs a float64 oracle", limit_s=60,
-         estimate="10 checks (5 ops x bf16/fp32) x ~0.3 s + ~25 Triton compiles x ~1.5 s "
-                  "+ torch import and CUDA init ~8 s = ~50 s",
+    Step("smoke", "gpu_smoke.py", "each Triton op once vs a float64 oracle", limit_s=75,
+         estimate="10 checks (5 ops x bf16/fp32) x ~0.3 s + ~28 Triton compiles (linear_logprob "
+                  "fwd/dlogits x 2 dtypes x entropy on/off, pg_loss x 2 dtypes, attention 4 "
+                  "kernels x 2 head dims x 2 dtypes) x ~2 s + torch import and CUDA init ~8 s = "
+                  "~65 s",
          dry_env={"TRITON_INTERPRET": "1"}),
     Step("loss", "gpu_loss_kernels.py", "fused linear log-prob + pg_loss vs peers",
          args=("--shapes", "128256x4096,128256x32768,32000x16384"), common=("--force",),
-         limit_s=115, dry_env={"TRITON_INTERPRET": "1"},
+         limit_s=105, dry_env={"TRITON_INTERPRET": "1"},
          estimate="checks ~8 s + pg_loss ~3 s + 3 shapes x 6 rows x ~2.5 s (fwd ~7 calls, "
                   "fwd+bwd ~8 calls of <= 0.25 s at T=32k) = ~45 s + Liger/CCE Triton compiles "
                   "~30 s + startup ~10 s = ~95 s"),
     Step("attention", "gpu_attention.py", "varlen causal attention vs SDPA, flash-attn",
-         common=("--providers", "triton,sdpa_padded,flash_attn", "--force"), limit_s=70,
+         common=("--providers", "triton,sdpa_padded,flash_attn", "--force"), limit_s=65,
          dry_env={"TRITON_INTERPRET": "1"},
          estimate="checks ~5 s + 2 D x 5 mixes x 3 providers x 2 timings x ~0.4 s (do_bench, "
                   "200 ms budget) = ~25 s + Triton compiles (cached by smoke) ~5 s + startup "
