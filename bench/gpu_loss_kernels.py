@@ -281,6 +281,10 @@ def bench_shape(res, V, T, H, dtype, device, names) -> None:
     for name in names:
         table.add(measure(name, PROVIDERS[name], hidden, weight, targets, device, flops))
     table.add(floor_row(hidden, weight, device, flops))
+    for row in table.rows:
+        if "backward_info" in row:  # the kernel's dW accumulation path in the last backward
+            res.note(f"linear_logprob V={V} T={T} {row['provider']}: backward_info "
+                     f"{row['backward_info']}")
     del hidden, weight, targets
     free_device(device)
 
