@@ -21,7 +21,10 @@ whose cumulative times split it into
             forward, loss, backward and AdamW
   scoring, advantages + samples + the step's metrics (tuning's per-step bookkeeping), sync.
 cProfile slows Python-heavy code more than kernels, so the host shares it reports are upper
-bounds; the plain run's total is the denominator. Prints a markdown table (--json: also JSON).
+bounds. Shares are of the profiled step (numerator and denominator from the same runs: on a
+shared machine the plain runs' times move with the load); the plain runs' median and minimum
+are printed beside it (the A/B). Prints a markdown table (--json: also JSON; --render: the
+table of a saved JSON).
 """
 from __future__ import annotations
 
@@ -149,11 +152,11 @@ def profiled_step(ctx, seed: int, targets: dict) -> dict:
 
 
 def table(plain: list[dict], prof: list[dict]) -> list[str]:
-    """Markdown: each part's median ms (profiled) and its share of the plain step."""
+    """Markdown: each part's median ms under cProfile and its share of the profiled step (both
+    measured in the same runs), then the plain runs' step time (the A/B)."""
     med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
-    total = med(plain, "total")
-    rows = [("step total, plain (the denominator)", med(plain, "total"), False),
-            ("step total, under cProfile", med(prof, "total"), False),
+    total = med(prof, "total")
+    rows = [("step total, under cProfile (the denominator)", total, False),
             ("generate", med(prof, "generate"), False),
             ("  model forward (forward_cached + logits)", med(prof, "gen_model"), False),
             ("  sampling (sample_tokens)", med(prof, "gen_sampling"), False),
@@ -167,13 +170,18 @@ def table(plain: list[dict], prof: list[dict]) -> list[str]:
             ("  forward + loss + backward + AdamW (the rest)", med(prof, "learner_compute"),
              False),
             ("weight sync into the bf16 sampler", med(prof, "sync"), False)]
-    host = sum(v for _, v, h in rows[2:] if h)
-    out = ["| part | ms per step | % of the plain step | host-side Python? |",
+    host = sum(v for _, v, h in rows if h)
+    out = ["| part | ms per step | % of the step | host-side Python? |",
            "| --- | --- | --- | --- |"]
     out += [f"| {n} | {1e3 * v:,.1f} | {100 * v / total:.2f} | {'yes' if h else ''} |"
             for n, v, h in rows]
     out.append(f"| **host-side Python, all parts marked yes** | {1e3 * host:,.1f} | "
                f"**{100 * host / total:.2f}** | |")
+    plain_t = sorted(r["total"] for r in plain)
+    out.append(f"\nA/B: the same step without cProfile took {statistics.median(plain_t):.1f} s "
+               f"(median; min {plain_t[0]:.1f} s, max {plain_t[-1]:.1f} s) vs "
+               f"{total:.1f} s under it; host share of the fastest plain step: "
+               f"{100 * host / plain_t[0]:.2f}%")
     return out
 
 
@@ -181,8 +189,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=2, help="repetitions of each of the A/B runs")
     ap.add_argument("--micro-batch-tokens", type=int, default=4096, help="rl.micro_batch_tokens")
-    ap.add_argument("--json", default="")
+    ap.add_argument("--json", default="", help="also write every step's parts here")
+    ap.add_argument("--render", default="", help="print the table of a --json file and stop")
     a = ap.parse_args(argv)
+    if a.render:
+        saved = json.loads(Path(a.render).read_text())
+        print("\n".join(table(saved["plain"], saved["profiled"])))
+        return 0
     from harness import run_meta
 
     ctx = build(a.micro_batch_tokens)
