@@ -281,12 +281,12 @@ def run_step(step: Step, plan: Plan, env: dict, results: str) -> dict:
         return {**rec, "status": reason}
     cmd = plan.command(step, results)
     log = plan.path(step.name, "log")
-    print(f"gpu_suite: {step.name}: {shlex.join(cmd)} (limit {rec['limit_s']:.0f} s)",
-          flush=True)
+    shown = shlex.join(["python", os.path.relpath(cmd[1], ROOT), *cmd[2:]])
+    print(f"gpu_suite: {step.name}: {shown} (limit {rec['limit_s']:.0f} s)", flush=True)
     run = run_script(step.name, cmd, rec["limit_s"], log,
                      child_env(step.dry_env if plan.dry_run else {}), echo=plan.echo)
     n = sum(r.get("step") == step.name for r in read_records(results))
-    return {**rec, "command": shlex.join(cmd), "returncode": run["returncode"],
+    return {**rec, "command": shown, "returncode": run["returncode"],
             "seconds": run["seconds"], "log": os.path.basename(log),
             "status": classify(run, rec["limit_s"], n)}
 
