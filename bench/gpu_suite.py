@@ -147,7 +147,7 @@ _PROBE = ("import json, torch, harness; "
 def probe_environment() -> dict:
     """Device and versions, asked of a child process so that this one never holds a CUDA
     context while the steps run."""
-    env = {"device": "cpu"}
+    env = {"device": "unknown (the probe failed)"}
     try:
         r = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
                            timeout=120, cwd=HERE, env=child_env({}))
@@ -266,10 +266,10 @@ def skip_reason(step: Step, plan: Plan, env: dict) -> str | None:
         import importlib.util
         if importlib.util.find_spec("vllm") is None:
             return "skipped: vllm is not importable"
-    if not plan.dry_run and env.get("device", "cpu") == "cpu":
+    if not plan.dry_run and env.get("device") == "cpu" and "probe_error" not in env:
         return ("skipped: no CUDA device (torch.cuda.is_available() is False): use --dry-run "
                 "for the CPU smoke path")
-    return None
+    return None  # a failed probe skips nothing: each step then says what is wrong
 
 
 def run_step(step: Step, plan: Plan, env: dict, results: str) -> dict:
@@ -302,7 +302,7 @@ def _env_lines(env: dict) -> list[str]:
     dev = env.get("device", "cpu")
     if dev == "cpu":
         dev = f"cpu ({env.get('cpu')}, {env.get('cpu_count')} cores)"
-    else:
+    elif "memory_gib" in env:
         dev += (f", {env.get('memory_gib')} GiB, compute capability {env.get('capability')}, "
                 f"{env.get('sm_count')} SMs, {env.get('l2_mib')} MiB L2")
     peers = ", ".join(f"{k} {env[k]}" for k in ("transformers", "liger-kernel",
