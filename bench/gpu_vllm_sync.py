@@ -110,7 +110,8 @@ def start(a, cuda: bool) -> dict:
     from tao_fast.models.loader import resolve_model_path
     from tao_fast.profiling.memory import PeakMemory
     from tao_fast.rl.trainer import Learner
-    from tao_fast.rollout.vllm_engine import VllmEngine
+    from tao_fast.config import RolloutConfig
+    from tao_fast.rollout.vllm import VllmEngine
 
     dev = "cuda" if cuda else "cpu"
     path = resolve_model_path(a.model_dir)
@@ -126,12 +127,11 @@ def start(a, cuda: bool) -> dict:
                            model.ops_backend)
     s["mem_learner"] = used()
     t = time.perf_counter()
-    s["eng"] = VllmEngine(path, model, tok, dtype="bfloat16",
-                          gpu_memory_utilization=a.gpu_memory_utilization,
-                          kv_cache_gb=a.kv_cache_gb,
-                          max_model_len=a.prompt_len + a.max_tokens + 16,
-                          enforce_eager=a.eager or not cuda,
-                          weight_sync="shared" if a.mode == "colocated" else "reload")
+    ro = RolloutConfig(dtype="bfloat16", gpu_memory_utilization=a.gpu_memory_utilization,
+                       kv_cache_gb=a.kv_cache_gb, max_model_len=a.prompt_len + a.max_tokens + 16,
+                       enforce_eager=a.eager or not cuda,
+                       weight_sync="shared" if a.mode == "colocated" else "reload")
+    s["eng"] = VllmEngine(path, model, tok, ro, seed=0)
     s["start_s"] = time.perf_counter() - t
     s["mem_engine"] = used()
     return s
@@ -260,7 +260,7 @@ def main(argv=None):
     if a.mode:
         print("RESULT " + json.dumps(one_mode(a)), flush=True)
         return
-    from tao_fast.rollout.vllm_engine import vllm_status
+    from tao_fast.rollout.vllm import vllm_status
 
     ok, why = vllm_status()
     if a.dry_run:

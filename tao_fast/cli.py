@@ -1,4 +1,4 @@
-"""`tao-fast` command line: demo | tune | eval | report | scale | profile | ingest."""
+"""`tao-fast` command line: demo | tune | eval | report | scale | profile | bench | ingest."""
 from __future__ import annotations
 
 import argparse
