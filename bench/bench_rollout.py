@@ -33,9 +33,9 @@ import torch
 
 from tao_fast.data import arithmetic_split
 from tao_fast.data.prompts import encode_prompt
+from tao_fast.dtypes import torch_dtype
 from tao_fast.rollout import SamplingParams
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def _timed(fn, repeats):
@@ -55,7 +55,7 @@ def _short(sp):
 def bench_hf(path, prompts, sp, dtype, repeats):
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype)).eval()
     L = max(map(len, prompts))
     pad = hf.config.pad_token_id if hf.config.pad_token_id is not None else 0
     ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts])
@@ -86,19 +86,20 @@ def bench_torch(model, tok, prompts, sp, dtype, repeats):
 
     from tao_fast.rollout.torch_engine import TorchEngine
 
-    sampler = model if DTYPES[dtype] == model.embed_tokens.weight.dtype else \
-        copy.deepcopy(model).to(DTYPES[dtype]).requires_grad_(False)
+    sampler = model if torch_dtype(dtype) == model.embed_tokens.weight.dtype else \
+        copy.deepcopy(model).to(torch_dtype(dtype)).requires_grad_(False)
     eng = TorchEngine(sampler, tok)
     return {"runs": _timed(lambda w: eng.generate(prompts, _short(sp) if w else sp).num_tokens,
                            repeats)}
 
 
 def bench_vllm(path, model, tok, prompts, sp, dtype, repeats, sync, kv_gb):
-    from tao_fast.rollout.vllm_engine import VllmEngine
+    from tao_fast.config import RolloutConfig
+    from tao_fast.rollout.vllm import VllmEngine
 
     t = time.perf_counter()
-    eng = VllmEngine(path, model, tok, dtype=dtype, kv_cache_gb=kv_gb, max_model_len=1024,
-                     weight_sync=sync)
+    ro = RolloutConfig(dtype=dtype, kv_cache_gb=kv_gb, max_model_len=1024, weight_sync=sync)
+    eng = VllmEngine(path, model, tok, ro, seed=0)
     start = time.perf_counter() - t
     runs = _timed(lambda w: eng.generate(prompts, _short(sp) if w else sp).num_tokens, repeats)
     syncs = []
@@ -117,7 +118,7 @@ def main(argv=None):
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--hf-repeats", type=int, default=1, help="transformers is slow: 1 by default")
     ap.add_argument("--kv-cache-gb", type=float, default=0.5)

@@ -24,13 +24,13 @@ What one size reports (each mode in its own process, so one's memory never shows
   apart      VllmEngine(weight_sync=reload): vLLM keeps its own weight copy and its KV cache
              stays resident while the learner trains (no sleep): the same round.
 Peak memory = device memory in use (total - free, polled every 10 ms; vLLM's sleep-mode pools are
-outside torch's allocator statistics), over the round. JSON to $OUT or bench/out/.
+outside torch's allocator statistics), over the round. Rows are printed and appended to
+$OUT/gpu_vllm_sync.jsonl (or --jsonl) as each mode finishes (bench/harness.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -40,6 +40,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from harness import add_output_args, open_results  # noqa: E402
+
+COLUMNS = [("size", "size", ""), ("params_b", "params B", ".2f"), ("mode", "mode", ""),
+           ("learner_dtype", "learner", ""), ("sync_path", "sync path", ""),
+           ("sync_ms", "sync ms", ".0f"), ("round_peak_gib", "round peak GiB", ".1f"),
+           ("engine_start_s", "engine start s", ".0f"),
+           ("gen_tokens_per_s", "gen tok/s", ".0f"), ("sleep_ms", "sleep ms", ".0f"),
+           ("wake_ms", "wake ms", ".0f"), ("train_s", "train s", ".1f")]
 SIZES = {  # hidden, intermediate, layers, heads, kv heads
     "1b": (2048, 8192, 16, 32, 8),
     "8b": (4096, 14336, 32, 32, 8),
@@ -78,109 +86,153 @@ def synthetic_model_dir(size: str, root: Path) -> Path:
     return out
 
 
+def learner_dtype(a, cfg: dict, cuda: bool) -> str:
+    """--learner-dtype; auto: fp32 where 16 bytes/param (fp32 weights, grads, 2 AdamW moments;
+    embedding + layers, roughly) fit in half the GPU, else bf16."""
+    if a.learner_dtype != "auto":
+        return a.learner_dtype
+    import torch
+
+    h, L, inter, V = (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"],
+                      cfg["vocab_size"])
+    n_params = V * h * (1 if cfg.get("tie_word_embeddings") else 2) + L * (
+        4 * h * h + 3 * h * inter)
+    total = torch.cuda.get_device_properties(0).total_memory if cuda else 2**62
+    return "float32" if 16 * n_params < 0.5 * total else "bfloat16"
+
+
+def start(a, cuda: bool) -> dict:
+    """The learner (its ops on the Triton kernels on a GPU) and the engine, timed and with the
+    device memory each takes."""
+    from tao_fast.config import RLConfig
+    from tao_fast.dtypes import torch_dtype
+    from tao_fast.models import load_model
+    from tao_fast.models.loader import resolve_model_path
+    from tao_fast.profiling.memory import PeakMemory
+    from tao_fast.rl.trainer import Learner
+    from tao_fast.config import RolloutConfig
+    from tao_fast.rollout.vllm import VllmEngine
+
+    dev = "cuda" if cuda else "cpu"
+    path = resolve_model_path(a.model_dir)
+    cfg = json.loads((path / "config.json").read_text())
+    ldtype = learner_dtype(a, cfg, cuda)
+    used = PeakMemory(dev).used
+    t = time.perf_counter()
+    model, tok, path = load_model(str(path), dtype=torch_dtype(ldtype), device=dev)
+    model.ops_backend = "triton" if cuda else "torch"
+    s = dict(cfg=cfg, ldtype=ldtype, dev=dev, model=model, tok=tok, path=path,
+             load_s=time.perf_counter() - t, n_params=sum(p.numel() for p in model.parameters()))
+    s["learner"] = Learner(model, RLConfig(lr=1e-6, micro_batch_tokens=a.mb_tokens), 1.0,
+                           model.ops_backend)
+    s["mem_learner"] = used()
+    t = time.perf_counter()
+    ro = RolloutConfig(dtype="bfloat16", gpu_memory_utilization=a.gpu_memory_utilization,
+                       kv_cache_gb=a.kv_cache_gb, max_model_len=a.prompt_len + a.max_tokens + 16,
+                       enforce_eager=a.eager or not cuda,
+                       weight_sync="shared" if a.mode == "colocated" else "reload")
+    s["eng"] = VllmEngine(path, model, tok, ro, seed=0)
+    s["start_s"] = time.perf_counter() - t
+    s["mem_engine"] = used()
+    return s
+
+
+def one_round(a, s: dict) -> dict:
+    """generate -> (colocated: sleep) -> Learner.step -> load_weights -> wake, timed, with the
+    round's peak device memory."""
+    import torch
+
+    from tao_fast.profiling.memory import PeakMemory
+    from tao_fast.rl.trainer import samples_from_rollouts
+    from tao_fast.rollout import SamplingParams
+
+    eng, g, V = s["eng"], torch.Generator().manual_seed(0), s["cfg"]["vocab_size"]
+    prompts = [torch.randint(100, min(V, s["tok"].vocab_size) - 1, (a.prompt_len,),
+                             generator=g).tolist() for _ in range(a.prompts)]
+    eng.generate(prompts[:1], SamplingParams(max_tokens=4))  # warm-up
+    with PeakMemory(s["dev"]) as pk:
+        t = [time.perf_counter()]
+        ro = eng.generate(prompts, SamplingParams(n=a.n, temperature=1.0,
+                                                  max_tokens=a.max_tokens, seed=1))
+        t.append(time.perf_counter())
+        if a.mode == "colocated":
+            eng.sleep()
+        t.append(time.perf_counter())
+        advs = [[float(torch.randn((), generator=g)) for _ in grp] for grp in ro.token_ids]
+        stats = s["learner"].step(samples_from_rollouts(ro, advs, [True] * len(prompts)))
+        t.append(time.perf_counter())
+        eng.load_weights(s["model"].named_parameters())
+        t.append(time.perf_counter())
+        eng.wake()
+        t.append(time.perf_counter())
+    return {"round_peak_gib": pk.peak / 2**30, "gen_s": t[1] - t[0],
+            "gen_tokens_per_s": ro.stats["tokens_per_s"], "sleep_s": t[2] - t[1],
+            "train_s": t[3] - t[2], "sync_s": t[4] - t[3], "wake_s": t[5] - t[4],
+            "sampler_logprob_abs_diff": stats["sampler_logprob_abs_diff"],
+            "sampler_ratio_outside": stats["sampler_ratio_outside"]}
+
+
+def _median_s(fn, repeats: int, cuda: bool) -> float:
+    import torch
+
+    xs = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        xs.append(time.perf_counter() - t)
+    return statistics.median(xs)
+
+
+def sync_comparisons(a, s: dict, cuda: bool) -> dict:
+    """Colocated: the engine's shared sync vs vLLM's reload_weights from the learner's tensors
+    vs a checkpoint save + reload from disk, medians of --repeats (GPU only for the last two)."""
+    import torch
+
+    from tao_fast.checkpoint import save_checkpoint
+    from tao_fast.models.weights import to_hf
+
+    eng, model = s["eng"], s["model"]
+    out = {"sync_shared_s": _median_s(lambda: eng.load_weights(model.named_parameters()),
+                                      a.repeats, cuda)}
+    if eng.on_cpu:  # the CPU backend's linears were unpacked for sharing: vLLM's reload
+        return out  # would pack them again; the comparison is a GPU one
+
+    def reload_in_memory():
+        named = ((n, t.detach().to(torch.bfloat16))
+                 for n, t in to_hf(model.named_parameters(), model.args))
+        eng.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named,
+                                                         "is_checkpoint_format": True})
+    out["sync_reload_inmemory_s"] = _median_s(reload_in_memory, a.repeats, cuda)
+    with tempfile.TemporaryDirectory(dir=a.tmp) as d:
+        out["disk_save_s"] = _median_s(lambda: save_checkpoint(model, s["tok"], Path(d) / "ckpt"),
+                                       a.repeats, cuda)
+        out["disk_reload_s"] = _median_s(lambda: eng.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_path": str(Path(d) / "ckpt"),
+                                      "is_checkpoint_format": True}), a.repeats, cuda)
+    eng.load_weights(model.named_parameters())  # the engine's own sync again, last
+    return out
+
+
 def one_mode(a) -> dict:
     """Runs in a child process: one mode, one model; returns the measurements."""
     import torch
 
-    from tao_fast.config import RLConfig
-    from tao_fast.models import load_model
-    from tao_fast.rl.trainer import Learner, samples_from_rollouts
-    from tao_fast.rollout import SamplingParams
-    from tao_fast.profiling.memory import PeakMemory
-    from tao_fast.rollout.vllm_engine import VllmEngine, _hf_named
-
     cuda = torch.cuda.is_available() and not a.dry_run
-    dev = "cuda" if cuda else "cpu"
-    from tao_fast.models.loader import resolve_model_path
-
-    path = resolve_model_path(a.model_dir)
-    cfg = json.loads((path / "config.json").read_text())
-    ldtype = a.learner_dtype
-    if ldtype == "auto":
-        # rough: embedding + layers, 16 bytes/param (fp32 weights, grads, 2 AdamW moments)
-        h, L, inter, V = (cfg["hidden_size"], cfg["num_hidden_layers"],
-                          cfg["intermediate_size"], cfg["vocab_size"])
-        n_params = V * h * (1 if cfg.get("tie_word_embeddings") else 2) + L * (
-            4 * h * h + 3 * h * inter)
-        total = torch.cuda.get_device_properties(0).total_memory if cuda else 2**62
-        ldtype = "float32" if 16 * n_params < 0.5 * total else "bfloat16"
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    used = PeakMemory(dev).used
-    t = time.perf_counter()
-    model, tok, path = load_model(str(path), dtype=dtypes[ldtype], device=dev)
-    model.ops_backend = "auto" if cuda else "torch"
-    load_s = time.perf_counter() - t
-    n_params = sum(p.numel() for p in model.parameters())
-    learner = Learner(model, RLConfig(lr=1e-6, micro_batch_tokens=a.mb_tokens), 1.0,
-                      model.ops_backend)
-    mem_learner = used()
-    t = time.perf_counter()
-    eng = VllmEngine(path, model, tok, dtype="bfloat16",
-                     gpu_memory_utilization=a.gpu_memory_utilization,
-                     kv_cache_gb=a.kv_cache_gb, max_model_len=a.prompt_len + a.max_tokens + 16,
-                     enforce_eager=a.eager or not cuda,
-                     weight_sync="shared" if a.mode == "colocated" else "reload")
-    start_s = time.perf_counter() - t
-    mem_engine = used()
-    g = torch.Generator().manual_seed(0)
-    V = cfg["vocab_size"]
-    prompts = [torch.randint(100, min(V, tok.vocab_size) - 1, (a.prompt_len,), generator=g).tolist()
-               for _ in range(a.prompts)]
-    sp = SamplingParams(n=a.n, temperature=1.0, max_tokens=a.max_tokens, seed=1)
-    eng.generate(prompts[:1], SamplingParams(max_tokens=4))  # warm-up
-    with PeakMemory(dev) as pk:
-        t0 = time.perf_counter()
-        ro = eng.generate(prompts, sp)
-        t1 = time.perf_counter()
-        if a.mode == "colocated":
-            eng.sleep()
-        t2 = time.perf_counter()
-        advs = [[float(torch.randn((), generator=g)) for _ in grp] for grp in ro.token_ids]
-        stats = learner.step(samples_from_rollouts(ro, advs, [True] * len(prompts)))
-        t3 = time.perf_counter()
-        eng.load_weights(model.named_parameters())
-        t4 = time.perf_counter()
-        eng.wake()
-        t5 = time.perf_counter()
-    res = {"mode": a.mode, "model": str(path), "params": n_params, "learner_dtype": ldtype,
-           "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-           "sync_path": eng.sync_path, "sleep_path": eng.sleep_path if a.mode == "colocated"
-           else "none (kept awake)", "engine_start_s": start_s, "learner_load_s": load_s,
-           "mem_learner_gib": mem_learner / 2**30, "mem_with_engine_gib": mem_engine / 2**30,
-           "round_peak_gib": pk.peak / 2**30, "gen_s": t1 - t0,
-           "gen_tokens_per_s": ro.stats["tokens_per_s"], "sleep_s": t2 - t1, "train_s": t3 - t2,
-           "sync_s": t4 - t3, "wake_s": t5 - t4, "kv_freed_gib": eng.stats.get("kv_freed_mb", 0) / 1024,
-           "sampler_logprob_abs_diff": stats["sampler_logprob_abs_diff"],
-           "sampler_ratio_outside": stats["sampler_ratio_outside"]}
+    s = start(a, cuda)
+    eng = s["eng"]
+    res = {"mode": a.mode, "model": str(s["path"]), "params": s["n_params"],
+           "learner_dtype": s["ldtype"], "device": torch.cuda.get_device_name(0) if cuda
+           else "cpu", "engine_start_s": s["start_s"], "learner_load_s": s["load_s"],
+           "mem_learner_gib": s["mem_learner"] / 2**30,
+           "mem_with_engine_gib": s["mem_engine"] / 2**30, **one_round(a, s)}
+    res.update(sync_path=eng.sync_path, kv_freed_gib=eng.stats.get("kv_freed_mb", 0) / 1024,
+               sleep_path=eng.sleep_path if a.mode == "colocated" else "none (kept awake)")
     if a.mode == "colocated":
-        def timed(fn):
-            xs = []
-            for _ in range(a.repeats):
-                if cuda:
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                fn()
-                if cuda:
-                    torch.cuda.synchronize()
-                xs.append(time.perf_counter() - t)
-            return statistics.median(xs)
-
-        res["sync_shared_s"] = timed(lambda: eng.load_weights(model.named_parameters()))
-        if eng.on_cpu:  # the CPU backend's linears were unpacked for sharing: vLLM's reload
-            eng.close()  # would pack them again; the comparison is a GPU one
-            return res
-        res["sync_reload_inmemory_s"] = timed(lambda: eng.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": _hf_named(
-                model.named_parameters(), model.args, torch.bfloat16),
-                "is_checkpoint_format": True}))
-        from tao_fast.checkpoint import save_checkpoint
-
-        with tempfile.TemporaryDirectory(dir=a.tmp) as d:
-            res["disk_save_s"] = timed(lambda: save_checkpoint(model, tok, Path(d) / "ckpt"))
-            res["disk_reload_s"] = timed(lambda: eng.llm.collective_rpc(
-                "reload_weights", kwargs={"weights_path": str(Path(d) / "ckpt"),
-                                          "is_checkpoint_format": True}))
-        eng.load_weights(model.named_parameters())  # the engine's own sync again, last
+        res.update(sync_comparisons(a, s, cuda))
     eng.close()
     return res
 
@@ -203,11 +255,12 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--mode", default="", help=argparse.SUPPRESS)  # child process
     ap.add_argument("--model-dir", default="", help=argparse.SUPPRESS)
+    add_output_args(ap, "gpu_vllm_sync")
     a = ap.parse_args(argv)
     if a.mode:
         print("RESULT " + json.dumps(one_mode(a)), flush=True)
         return
-    from tao_fast.rollout.vllm_engine import vllm_status
+    from tao_fast.rollout.vllm import vllm_status
 
     ok, why = vllm_status()
     if a.dry_run:
@@ -219,45 +272,42 @@ def main(argv=None):
             return
     elif not ok:
         raise SystemExit(why)
-    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "out")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    res = open_results(a, "gpu_vllm_sync", a.dry_run)
+    res.meta("cuda" if not a.dry_run else "cpu", config=vars(a))
+    table = res.table("vllm_sync", "colocated vLLM: one round (generate, sleep, train, sync, "
+                      "wake)", COLUMNS)
     rows = []
     for size in a.sizes.split(","):
         mdir = a.model or str(synthetic_model_dir(size, Path(a.tmp)))
         for mode in ("colocated", "apart"):
-            cmd = [sys.executable, __file__, "--mode", mode, "--model-dir", mdir]
-            for k in ("learner_dtype", "prompts", "n", "prompt_len", "max_tokens", "mb_tokens",
-                      "gpu_memory_utilization", "kv_cache_gb", "repeats", "tmp"):
-                cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
-            cmd += ["--eager"] * a.eager + ["--dry-run"] * a.dry_run
-            print(f"[bench] {size} {mode} ...", file=sys.stderr, flush=True)
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-            if p.returncode or not line:
-                rows.append({"size": size, "mode": mode, "error": (p.stderr or p.stdout)[-2000:]})
-                print(rows[-1]["error"], file=sys.stderr)
-                continue
-            rows.append({"size": size, **json.loads(line[0][7:])})
-    (out_dir / "gpu_vllm_sync.json").write_text(json.dumps(rows, indent=1))
-    print("| size | mode | learner | sync path | sync | round peak | engine start | gen tok/s "
-          "| sleep / wake | train |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['size']} | {r['mode']} | failed: see stderr | | | | | | | |")
-            continue
-        print(f"| {r['size']} ({r['params'] / 1e9:.2f}B) | {r['mode']} | {r['learner_dtype']} | "
-              f"{r['sync_path']} | {r['sync_s'] * 1e3:.0f} ms | {r['round_peak_gib']:.1f} GiB | "
-              f"{r['engine_start_s']:.0f} s | {r['gen_tokens_per_s']:.0f} | "
-              f"{r['sleep_s'] * 1e3:.0f} / {r['wake_s'] * 1e3:.0f} ms | {r['train_s']:.1f} s |")
-    print("\nsync, median: the engine's shared sync vs vLLM's reload_weights from memory vs a "
-          "checkpoint save + reload from disk")
+            rows.append(table.add(run_mode(a, size, mode, mdir)))
     for r in rows:
         if r.get("mode") == "colocated" and "sync_reload_inmemory_s" in r:
-            print(f"- {r['size']}: shared ({r['sync_path']}) {r['sync_shared_s'] * 1e3:.0f} ms; "
-                  f"reload in memory {r['sync_reload_inmemory_s'] * 1e3:.0f} ms; disk "
-                  f"{r['disk_save_s']:.1f} s save + {r['disk_reload_s']:.1f} s reload")
-    print(f"\nJSON: {out_dir / 'gpu_vllm_sync.json'}")
+            res.note(f"sync, median, {r['size']}: shared ({r['sync_path']}) "
+                     f"{r['sync_shared_s'] * 1e3:.0f} ms; vLLM reload_weights in memory "
+                     f"{r['sync_reload_inmemory_s'] * 1e3:.0f} ms; disk {r['disk_save_s']:.1f} s "
+                     f"save + {r['disk_reload_s']:.1f} s reload")
+    res.close()
+
+
+def run_mode(a, size, mode, mdir) -> dict:
+    """One mode of one size in a child process -> its row (the child's error in "error")."""
+    cmd = [sys.executable, __file__, "--mode", mode, "--model-dir", mdir]
+    for k in ("learner_dtype", "prompts", "n", "prompt_len", "max_tokens", "mb_tokens",
+              "gpu_memory_utilization", "kv_cache_gb", "repeats", "tmp"):
+        cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
+    cmd += ["--eager"] * a.eager + ["--dry-run"] * a.dry_run
+    print(f"[bench] {size} {mode} ...", file=sys.stderr, flush=True)
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    if p.returncode or not line:
+        tail = (p.stderr or p.stdout).strip().splitlines() or ["no output"]
+        print("\n".join(tail[-40:]), file=sys.stderr)
+        return {"size": size, "mode": mode, "error": f"exit {p.returncode}: {tail[-1][:200]}"}
+    r = {"size": size, **json.loads(line[0][7:])}
+    r.update(params_b=r["params"] / 1e9, sync_ms=r["sync_s"] * 1e3,
+             sleep_ms=r["sleep_s"] * 1e3, wake_ms=r["wake_s"] * 1e3)
+    return r
 
 
 if __name__ == "__main__":

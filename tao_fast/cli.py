@@ -1,4 +1,4 @@
-"""`tao-fast` command line: demo | tune | eval | report | scale | profile | ingest."""
+"""`tao-fast` command line: demo | tune | eval | report | scale | profile | bench | ingest."""
 from __future__ import annotations
 
 import argparse
@@ -392,7 +392,30 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--no-near-dup", action="store_true",
                    help="keep near-duplicates (exact duplicates are still removed)")
     i.set_defaults(func=cmd_ingest)
+
+    b = sub.add_parser(
+        "bench", help="run the micro-benchmarks of a checkout: pytest-benchmark JSON and a table",
+        description="Run the CPU micro-benchmarks (pytest bench/ --benchmark-only) of the "
+        "checkout this tao_fast comes from, and write OUT/benchmarks.json (pytest-benchmark's "
+        "JSON) and OUT/benchmarks.md (median/min/max ms, rounds, throughput). --gpu runs the "
+        "GPU suite (bench/gpu_suite.py) into OUT instead. Needs the repository's bench/ "
+        "folder: an install from a wheel has none.")
+    b.add_argument("files", nargs="*", metavar="FILE",
+                   help="bench files to run, e.g. bench_pg_loss.py (default: all of bench/)")
+    b.add_argument("-k", dest="keyword", help="pytest -k expression selecting benchmarks")
+    b.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
+    b.add_argument("--gpu", action="store_true", help="the GPU suite instead (needs CUDA)")
+    b.add_argument("--dry-run", action="store_true",
+                   help="with --gpu: the suite's CPU dry run (tiny shapes)")
+    b.add_argument("--root", help="checkout to benchmark (default: this tao_fast's)")
+    b.set_defaults(func=cmd_bench)
     return p
+
+
+def cmd_bench(args) -> int:
+    from tao_fast.profiling.bench import run
+
+    return run(args)
 
 
 def main(argv=None) -> int:
