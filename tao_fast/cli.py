@@ -258,7 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tune a language model from unlabeled prompts with TAO: sample many "
                     "candidates per prompt, score them, and turn the scores into RL updates.")
     sub = p.add_subparsers(dest="cmd", required=True)
+    _add_demo(sub)
+    _add_tune(sub)
+    _add_eval(sub)
+    _add_report(sub)
+    _add_scale(sub)
+    _add_profile(sub)
+    _add_ingest(sub)
+    _add_bench(sub)
+    return p
 
+
+def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="tune the embedded SmolLM2-135M on built-in arithmetic and "
                        "show held-out accuracy before/after",
                        description="Tune the embedded SmolLM2-135M-Instruct on two-digit "
@@ -271,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help=_overrides_help())
     d.set_defaults(func=cmd_demo)
 
+
+def _add_tune(sub) -> None:
     t = sub.add_parser("tune", help="tune a model from a YAML/TOML config, or resume a run",
                        description="Tune with TAO, round after round. Prompts come from "
                        "data.train: a JSONL file of {\"prompt\": ...} or {\"messages\": [...]} "
@@ -287,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help=_overrides_help())
     t.set_defaults(func=cmd_tune)
 
+
+def _add_eval(sub) -> None:
     dflt = TaoConfig()
     e = sub.add_parser("eval", help="score a model's answers on held-out prompts",
                        description="Answer each prompt once (greedy by default), score the "
@@ -321,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help=_overrides_help())
     e.set_defaults(func=cmd_eval)
 
+
+def _add_report(sub) -> None:
     r = sub.add_parser("report", help="write RUN_DIR/report.md and its plots",
                        description="Read a run directory (metrics.jsonl, eval_*.json, "
                        "manifest.jsonl) and write report.md with PNG plots in report/: "
@@ -329,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir", help="a directory written by tao-fast tune or demo")
     r.set_defaults(func=cmd_report)
 
+
+def _add_scale(sub) -> None:
     sc = sub.add_parser("scale", help="tune at N = 2, 4, 8, 16 candidates and plot quality "
                         "against N and tuning FLOPs",
                         description="Run the same tune once per N (candidates per prompt), "
@@ -344,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("overrides", nargs="*", help=_overrides_help())
     sc.set_defaults(func=cmd_scale)
 
+
+def _add_profile(sub) -> None:
     pr = sub.add_parser(
         "profile", help="profile a few tune steps: a Chrome trace and the top ops",
         description="Set up a tune (the demo's settings, or --config), then run --steps steps "
@@ -360,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("overrides", nargs="*", help=_overrides_help())
     pr.set_defaults(func=cmd_profile)
 
+
+def _add_ingest(sub) -> None:
     i = sub.add_parser(
         "ingest", help="turn request logs (OpenAI JSONL, prompt JSONL, CSV, Parquet) into a "
         "cleaned prompt set with a stable held-out split",
@@ -393,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep near-duplicates (exact duplicates are still removed)")
     i.set_defaults(func=cmd_ingest)
 
+
+def _add_bench(sub) -> None:
     b = sub.add_parser(
         "bench", help="run the micro-benchmarks of a checkout: pytest-benchmark JSON and a table",
         description="Run the CPU micro-benchmarks (pytest bench/ --benchmark-only) of the "
@@ -409,7 +434,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --gpu: the suite's CPU dry run (tiny shapes)")
     b.add_argument("--root", help="checkout to benchmark (default: this tao_fast's)")
     b.set_defaults(func=cmd_bench)
-    return p
 
 
 def cmd_bench(args) -> int:
