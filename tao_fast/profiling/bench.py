@@ -32,9 +32,19 @@ def bench_dir(root: Path | None = None) -> Path:
     return d
 
 
+def bench_file(name: str, bench: Path) -> str:
+    """A benchmark file as given: a path that exists (absolute, or from here, e.g.
+    bench/bench_pg_loss.py), else a name in bench/ (bench_pg_loss.py); a FileNotFoundError
+    naming both places otherwise."""
+    for p in (Path(name), bench / name):
+        if p.exists():
+            return str(p.resolve())
+    raise FileNotFoundError(f"no benchmark file {name} (looked here and in {bench})")
+
+
 def pytest_command(args, bench: Path, json_path: Path) -> list[str]:
     """pytest over the named bench files (default: all of bench/), benchmarks only."""
-    targets = [str(bench / f) if not os.path.isabs(f) else f for f in args.files] or [str(bench)]
+    targets = [bench_file(f, bench) for f in args.files] or [str(bench)]
     cmd = [sys.executable, "-m", "pytest", *targets, "--benchmark-only",
            f"--benchmark-json={json_path}", "-q", "-p", "no:cacheprovider"]
     return cmd + (["-k", args.keyword] if args.keyword else [])
@@ -88,7 +98,7 @@ def run(args) -> int:
     rc = subprocess.call(pytest_command(args, bench, json_path), cwd=bench.parent,
                          env=child_env(bench.parent))
     if not json_path.is_file():
-        print(f"tao-fast bench: error: pytest exited {rc} and wrote no {json_path}",
+        print(f"tao-fast: error: bench: pytest exited {rc} and wrote no {json_path}",
               file=sys.stderr)
         return rc or 1
     text = benchmark_table(json.loads(json_path.read_text()))

@@ -38,3 +38,18 @@ def test_bench_help_explains_it(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for needle in ("--benchmark-only", "benchmarks.json", "benchmarks.md", "--gpu", "wheel"):
         assert needle in text, needle
+
+
+def test_a_file_is_found_from_here_or_in_bench(tmp_path, monkeypatch):
+    """`tao-fast bench bench/bench_pg_loss.py` (from the checkout) and `bench_pg_loss.py` name
+    the same file; a name found nowhere is one line naming both places."""
+    from tao_fast.profiling.bench import CHECKOUT, bench_dir, bench_file
+
+    bench = bench_dir()
+    want = str((bench / "bench_pg_loss.py").resolve())
+    monkeypatch.chdir(CHECKOUT)
+    assert bench_file("bench/bench_pg_loss.py", bench) == want
+    monkeypatch.chdir(tmp_path)
+    assert bench_file("bench_pg_loss.py", bench) == want
+    with pytest.raises(FileNotFoundError, match="no benchmark file nope.py"):
+        bench_file("nope.py", bench)
