@@ -24,7 +24,7 @@ log-prob chunk use that memory; during generation the gradients are freed (zero_
 set_to_none) and the KV cache gets them back. A split layout (vLLM on some GPUs, the learner on
 the others) pays for both peaks at once, on fewer GPUs each.
 
-`tests/test_memory.py` checks weights + gradients + AdamW + activations against the measured
+`tests/rl/test_memory.py` checks weights + gradients + AdamW + activations against the measured
 peak of a real Learner.step on small models (RSS on the CPU, max_memory_allocated on CUDA).
 """
 from __future__ import annotations
