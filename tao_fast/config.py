@@ -141,35 +141,87 @@ class ScoringConfig:
 
 @dataclass
 class RLConfig:
-    algorithm: str = "grpo"  # grpo (std-normalised) | dr-grpo (no std, token-sum) | rloo
+    """The rl section. The algorithm's own settings (tao_fast/rl/algorithms.py: its advantage,
+    loss, aggregation, clip range, dynamic sampling and overlong handling) apply wherever a key
+    here is left at None / "auto"; a key set here wins."""
+    # grpo | dr-grpo | dapo | gspo | rloo | bon-sft (best-of-N rejection-sampling fine-tuning)
+    algorithm: str = "grpo"
     lr: float = 1e-5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     kl_coef: float = 0.0  # > 0 keeps a frozen reference model
     kl_estimator: str = "k3"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
+    # passes over one rollout batch, and optimizer steps per pass (the batch split in that many
+    # minibatches, reshuffled every pass); with more than one update the learner's log-probs
+    # before the first are the old log-probs the ratio and the clip compare against
+    epochs: int = 1
+    minibatches: int = 1
+    clip_low: float | None = None  # None = the algorithm's (0.2; gspo 3e-4)
+    clip_high: float | None = None  # None = the algorithm's (0.2; dapo 0.28; gspo 4e-4)
+    dual_clip: float = 0.0  # > 1: negative-advantage tokens lose at most dual_clip x |A|; 0 = off
+    # token-mean | seq-mean-token-mean | token-sum-norm (sum / (rollout.max_tokens x sequences))
+    loss_agg: str = "auto"
     tis_cap: float = 2.0  # truncated importance weight cap (sampler vs learner log-probs)
     prompts_per_step: int = 8
+    # extra generation rounds a step may take to fill rl.prompts_per_step groups with signal
+    # (unequal rewards): DAPO's dynamic sampling. None = the algorithm's (dapo 3, else 0)
+    dynamic_sampling: int | None = None
+    # candidates cut at rollout.max_tokens: none | filter (left out of the loss) | penalty
+    # (DAPO's soft overlong punishment: reward - up to 1 over the last overlong_cache tokens)
+    overlong: str = "auto"  # auto = the algorithm's (dapo: penalty; else none)
+    overlong_cache: int = 0  # 0 = rollout.max_tokens // 5
+    # shorter answers among equally scored ones: subtracts length_penalty x (tokens - the
+    # group's mean) / rollout.max_tokens from each advantage (at most length_penalty); in
+    # bon-sft the shortest of the top-scored candidates is chosen. 0 = off
+    length_penalty: float = 0.0
+    sft_top_k: int = 1  # bon-sft: candidates trained on per group (the top-scored)
     micro_batch_tokens: int = 4096  # token budget of one forward/backward
-    std_normalize: bool = True  # GRPO divides advantages by the group's std; Dr.GRPO doesn't
-    warmup_steps: int = 0  # linear learning-rate warm-up, then constant
+    std_normalize: bool = True  # GRPO-style advantages divide by the group's std
+    warmup_steps: int = 0  # linear learning-rate warm-up (in optimizer steps), then constant
     # under torchrun: ddp (a full replica per rank, gradients summed) | fsdp (FSDP2
     # fully_shard: parameters, gradients and AdamW state sharded) | auto (ddp where a replica
     # fits the GPU by the accounting in rl/memory.py, else fsdp; ddp on the CPU)
     parallel: str = "auto"
 
     def __post_init__(self):
-        _one_of(self.algorithm, ("grpo", "dr-grpo", "rloo"), "rl.algorithm")
+        from tao_fast.rl.algorithms import ALGORITHMS, LOSS_AGGS
+
+        _one_of(self.algorithm, tuple(ALGORITHMS), "rl.algorithm")
+        loss = ALGORITHMS[self.algorithm].loss
         _check(self.lr > 0, "rl.lr", f"must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, "rl.weight_decay", "must be >= 0")
         _check(self.max_grad_norm > 0, "rl.max_grad_norm", "must be > 0")
         _check(self.kl_coef >= 0, "rl.kl_coef", f"must be >= 0, got {self.kl_coef}")
+        _check(not (self.kl_coef and loss == "sft"), "rl.kl_coef",
+               "bon-sft trains on log-likelihood alone: set rl.kl_coef=0")
         _one_of(self.kl_estimator, ("k1", "k3"), "rl.kl_estimator")
-        _check(0 <= self.clip_low < 1, "rl.clip_low", f"must be in [0, 1), got {self.clip_low}")
-        _check(self.clip_high >= 0, "rl.clip_high", f"must be >= 0, got {self.clip_high}")
+        _check(self.epochs >= 1, "rl.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.minibatches >= 1, "rl.minibatches", f"must be >= 1, got {self.minibatches}")
+        _check(self.clip_low is None or 0 <= self.clip_low < 1, "rl.clip_low",
+               f"must be in [0, 1), got {self.clip_low}")
+        _check(self.clip_high is None or self.clip_high >= 0, "rl.clip_high",
+               f"must be >= 0, got {self.clip_high}")
+        _check(self.dual_clip == 0 or self.dual_clip > 1, "rl.dual_clip",
+               f"must be 0 (off) or > 1, got {self.dual_clip}")
+        _check(not (self.dual_clip and loss != "ppo"), "rl.dual_clip",
+               f"applies to the token-level PPO loss, not {self.algorithm}'s")
+        _check(self.loss_agg == "auto" or self.loss_agg in LOSS_AGGS[loss], "rl.loss_agg",
+               f"must be auto or one of {list(LOSS_AGGS[loss])} for {self.algorithm}, "
+               f"got {self.loss_agg!r}")
         _check(self.tis_cap >= 1, "rl.tis_cap", f"must be >= 1, got {self.tis_cap}")
         _check(self.prompts_per_step >= 1, "rl.prompts_per_step", "must be >= 1")
+        _check(self.dynamic_sampling is None or self.dynamic_sampling >= 0,
+               "rl.dynamic_sampling", f"must be >= 0, got {self.dynamic_sampling}")
+        _one_of(self.overlong, ("auto", "none", "filter", "penalty"), "rl.overlong")
+        _check(self.overlong_cache >= 0, "rl.overlong_cache", "must be >= 0")
+        _check(0 <= self.length_penalty <= 1, "rl.length_penalty",
+               f"must be in [0, 1], got {self.length_penalty}")
+        _check(self.sft_top_k >= 1, "rl.sft_top_k", f"must be >= 1, got {self.sft_top_k}")
+        _check(self.sft_top_k == 1 or loss == "sft", "rl.sft_top_k",
+               f"chooses bon-sft's candidates; {self.algorithm} trains on every one")
+        overlong = ALGORITHMS[self.algorithm].overlong if self.overlong == "auto" else self.overlong
+        _check(not self.overlong_cache or overlong == "penalty", "rl.overlong_cache",
+               "sets the overlong penalty's window: it needs rl.overlong=penalty")
         _check(self.micro_batch_tokens >= 16, "rl.micro_batch_tokens", "must be >= 16")
         _check(self.warmup_steps >= 0, "rl.warmup_steps", "must be >= 0")
         _one_of(self.parallel, ("auto", "ddp", "fsdp"), "rl.parallel")

@@ -292,6 +292,16 @@ def render(run: dict, plots: dict[str, bool]) -> str:
                   f"- steps skipped (every group equal): {sum('skipped' in m for m in ms)}; "
                   f"mean zero-signal fraction "
                   f"{sum(m['zero_signal_frac'] for m in ms) / len(ms):.2f}"]
+        ent = [m["entropy"] for m in ms if "entropy" in m]
+        if ent:
+            j = max(1, len(ent) // 4)
+            lines.append(f"- policy entropy (nats per response token, at the sampling "
+                         f"temperature): first {j} steps {sum(ent[:j]) / j:.3f}, last {j} "
+                         f"{sum(ent[-j:]) / j:.3f}")
+        clips = [m["clip_frac"] for m in ms if m.get("optimizer_steps", 1) > 1]
+        if clips:
+            lines.append(f"- clipped tokens over the steps with several updates (rl.epochs x "
+                         f"rl.minibatches): {100 * sum(clips) / len(clips):.2f}%")
         diffs = [m["sampler_logprob_abs_diff"] for m in ms if "sampler_logprob_abs_diff" in m]
         outs = [m["sampler_ratio_outside"] for m in ms if "sampler_ratio_outside" in m]
         if diffs:

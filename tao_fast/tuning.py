@@ -39,14 +39,15 @@ from tao_fast.fileio import atomic_write_lines
 from tao_fast.profiling.memory import PeakMemory
 from tao_fast.profiling.trace import phase
 from tao_fast.rl import distributed as dist_
-from tao_fast.rl.advantages import group_advantages
+from tao_fast.rl.batch import build_samples, fill_groups, signal_of, take_groups
 from tao_fast.rl.metrics import rollout_metrics
-from tao_fast.rl.rollout_shards import generate_and_score
+from tao_fast.rl.rollout_shards import concat_rollouts, generate_and_score
 from tao_fast.rl.state import ResumeState, latest_state, load_state, save_state
-from tao_fast.rl.trainer import Learner, samples_from_rollouts
+from tao_fast.rl.trainer import Learner
 from tao_fast.rollout import SamplingParams, build_engine, check_records_fit
 from tao_fast.run_dir import check_space, check_writable, kill_at, writing
 from tao_fast.scoring import ScorerContext, build_scorer
+from tao_fast.scoring.base import ScoreResult
 from tao_fast.summary import write_summary
 
 
@@ -169,7 +170,8 @@ class TaoRecipe:
         self.model, self.tokenizer, self.model_dir = load_model(cfg.model)
         self.learner = Learner(self.model, cfg.rl, cfg.rollout.temperature,
                                cfg.model.ops_backend, progress=self.progress,
-                               replica_dtype=torch_dtype(cfg.rollout.dtype))
+                               replica_dtype=torch_dtype(cfg.rollout.dtype),
+                               max_response_tokens=cfg.rollout.max_tokens)
 
     def restore(self) -> None:
         """Where the run starts: round 1, step 1, or where its newest training state says
@@ -315,27 +317,55 @@ class TaoRecipe:
         return [self.pool[i] for i in idx], [self.encoded[i] for i in idx]
 
     def train_step(self) -> dict:
-        """One step: next batch -> rollouts -> scores -> advantages -> update. Returns its
-        line of metrics."""
+        """One step: next batch -> rollouts -> scores (more rounds while dynamic sampling
+        fills the batch) -> the algorithm's samples -> update. Returns its line of metrics."""
         t0 = time.perf_counter()
-        cfg, gstep = self.cfg, self.global_step
-        recs, ids = self.next_batch()
-        sampling = SamplingParams.from_config(cfg.rollout, seed=cfg.run.seed * 1_000_003 + gstep)
-        # under torchrun each rank samples and scores a slice; every rank gets the whole
-        rollouts, scores, gen_s, score_s = generate_and_score(
-            self.engine, self.scorer, ids, recs, sampling, progress=self.progress)
+        cfg, gstep, algo = self.cfg, self.global_step, self.learner.algo
+        rollouts, scores, extra, gen_s, score_s = self.rollouts_for_step()
         if gstep == self.kill_at:
             os.kill(os.getpid(), SIGKILL)
-        advs, signal = group_advantages(scores.rewards, cfg.rl.algorithm, cfg.rl.std_normalize)
+        max_tokens = cfg.rollout.max_tokens
+        signal = signal_of(algo, rollouts, scores.rewards, max_tokens)
         m = {"round": self.round, "step": self.step, "global_step": gstep,
              **rollout_metrics(rollouts, scores, signal, gen_s, score_s)}
-        samples = samples_from_rollouts(rollouts, advs, signal)
-        if samples:
-            m.update(self.update(samples, rollouts.stats.get("peak_memory_mb", 0.0)))
+        if algo.dynamic_rounds:  # DAPO: train on rl.prompts_per_step groups with signal
+            keep = fill_groups(signal, cfg.rl.prompts_per_step)
+            rollouts, scores = take_groups(rollouts, scores, keep)
+            m.update(dynamic_rounds=extra, signal_groups=len(keep))
+        batch = build_samples(algo, cfg.rl, rollouts, scores.rewards, max_tokens)
+        m.update(batch.metrics)
+        if batch.samples:
+            m.update(self.update(batch.samples, rollouts.stats.get("peak_memory_mb", 0.0)))
         else:
             m["skipped"] = "every group had equal rewards"
         m["step_seconds"] = time.perf_counter() - t0
         return m
+
+    def rollouts_for_step(self):
+        """The step's rollouts and scores: one batch of rl.prompts_per_step prompts, then, with
+        dynamic sampling, up to its bound of extra batches while fewer than prompts_per_step
+        groups carry signal. -> (rollouts [P][N], scores [P][N], extra batches, generation
+        seconds, scoring seconds)."""
+        cfg, gstep, algo = self.cfg, self.global_step, self.learner.algo
+        parts, gen_s, score_s, n_signal, extra = [], 0.0, 0.0, 0, 0
+        while True:
+            recs, ids = self.next_batch()
+            seed = cfg.run.seed * 1_000_003 + gstep + 7_919 * extra
+            sampling = SamplingParams.from_config(cfg.rollout, seed=seed)
+            # under torchrun each rank samples and scores a slice; every rank gets the whole
+            ro, sc, g, s = generate_and_score(self.engine, self.scorer, ids, recs, sampling,
+                                              progress=self.progress)
+            parts.append((ro, sc))
+            gen_s, score_s = gen_s + g, score_s + s
+            n_signal += sum(signal_of(algo, ro, sc.rewards, cfg.rollout.max_tokens))
+            if n_signal >= cfg.rl.prompts_per_step or extra >= algo.dynamic_rounds:
+                break
+            extra += 1
+        if len(parts) == 1:
+            return (*parts[0], 0, gen_s, score_s)
+        rollouts = concat_rollouts([p[0] for p in parts])
+        scores = ScoreResult.concat([p[1] for p in parts])
+        return rollouts, scores, extra, gen_s, score_s
 
     def update(self, samples, gen_peak_mb: float) -> dict:
         """The engine sleeps (vLLM frees its KV cache for the update), the learner steps, the

@@ -1,17 +1,23 @@
 """The learner: turns scored rollouts into policy-gradient updates.
 
-One `Learner.step` = one optimizer step over a batch of candidates:
+One `Learner.step` = rl.epochs passes over a batch of candidates, each pass rl.minibatches
+optimizer steps (the batch reshuffled into minibatches every pass):
   samples (prompt + response ids, advantage, sampler log-probs)
-  -> micro-batches packed to a token budget (no padding)
-  -> packed forward -> fused linear log-prob of the response tokens (no [T, V] logits)
-  -> clipped policy-gradient loss with truncated importance sampling (+ optional KL)
-  -> backward per micro-batch, scaled so the sum equals the whole batch's loss
-  -> clip grad norm, AdamW.
+  -> with more than one update: the learner's log-probs of every sample, before the first
+     update (no grad): the old log-probs the ratio and the clip compare against
+  -> for each update: micro-batches packed to a token budget (no padding)
+     -> packed forward -> fused linear log-prob (+ entropy) of the response tokens (no [T, V]
+        logits)
+     -> the algorithm's loss (tao_fast/rl/algorithms.py): token-level PPO clip with truncated
+        importance sampling (+ optional KL), GSPO's sequence clip, or bon-sft's log-likelihood
+     -> backward per micro-batch, scaled so the sum equals the minibatch's loss
+     -> clip grad norm, AdamW.
 Statistics stay on the device as tensors; they are read once, at the end of the step.
 """
 from __future__ import annotations
 
 import copy
+import random
 import time
 from dataclasses import dataclass
 
@@ -24,6 +30,8 @@ from tao_fast.kernels.reference import IGNORE_INDEX
 from tao_fast.models.llama import Transformer
 from tao_fast.rl import distributed as dist_
 from tao_fast.rl import fsdp
+from tao_fast.rl.algorithms import resolve
+from tao_fast.rl.losses import gspo_loss, sft_loss
 from tao_fast.rl.packing import (balance_tokens, make_packed_batch, microbatch_agg,
                                  pack_per_token, pack_sequences)
 
@@ -44,14 +52,16 @@ class Sample:
         return len(self.ids) - self.prompt_len
 
 
-def samples_from_rollouts(rollouts, advantages, has_signal) -> list[Sample]:
-    """Candidates of groups that carry signal, with at least one response token."""
+def samples_from_rollouts(rollouts, advantages, has_signal, keep=None) -> list[Sample]:
+    """Candidates of groups that carry signal, with at least one response token; with keep
+    ([P][N] bools), only the candidates it marks (bon-sft's best, the overlong filter)."""
     out = []
-    for p, (prompt, keep) in enumerate(zip(rollouts.prompt_ids, has_signal)):
-        if not keep:
+    for p, (prompt, sig) in enumerate(zip(rollouts.prompt_ids, has_signal)):
+        if not sig:
             continue
-        for resp, lps, adv in zip(rollouts.token_ids[p], rollouts.logprobs[p], advantages[p]):
-            if resp:
+        for c, (resp, lps, adv) in enumerate(zip(rollouts.token_ids[p], rollouts.logprobs[p],
+                                                 advantages[p])):
+            if resp and (keep is None or keep[p][c]):
                 out.append(Sample(list(prompt) + list(resp), len(prompt), adv, list(lps)))
     return out
 
@@ -65,12 +75,20 @@ def _per_token(s: Sample):
 
 
 class Learner:
+    """max_response_tokens: rollout.max_tokens, Dr.GRPO's constant normaliser (token-sum-norm
+    divides by max_response_tokens x the update's sequences, whatever their lengths)."""
+
     def __init__(self, model: Transformer, cfg: RLConfig, temperature: float,
                  ops_backend: str = "auto", progress: bool = False,
-                 replica_dtype: torch.dtype | None = None):
+                 replica_dtype: torch.dtype | None = None, max_response_tokens: int = 0):
         if temperature <= 0:
             raise ValueError("training needs sampled rollouts: rollout.temperature must be > 0")
         self.model, self.cfg, self.temperature = model, cfg, temperature
+        self.algo = resolve(cfg, max(max_response_tokens, 1))
+        if self.algo.agg == "token-sum-norm" and max_response_tokens < 1:
+            raise ValueError("rl.loss_agg token-sum-norm (dr-grpo) needs max_response_tokens "
+                             "(rollout.max_tokens) for its constant normaliser")
+        self.max_response_tokens = max_response_tokens
         self.model.ops_backend = ops_backend  # attention; the loss ops read it from here too
         self.progress = progress
         self.ref = None
@@ -96,20 +114,28 @@ class Learner:
                                                        lambda s: min(1.0, (s + 1) / warm))
         self.steps_done = 0
 
-    def _logprobs(self, model, batch, targets):
+    def _logprobs(self, model, batch, targets, entropy: bool = False):
+        """logp [T] (and entropy [T] with entropy=True) of targets under the model."""
         hidden = model(batch.input_ids, batch.positions, batch.cu_seqlens, batch.max_seqlen)
         return ops.linear_logprob(hidden, model.output_weight, targets,
-                                  temperature=self.temperature, backend=model.ops_backend)  # [T]
+                                  temperature=self.temperature, return_entropy=entropy,
+                                  backend=model.ops_backend)
 
-    def _pad_forwards(self, n_max: int, n_mine: int) -> None:
+    def _pad_forwards(self, n_mine: int, backward: bool = True) -> None:
         """FSDP: a rank with fewer micro-batches than the busiest one runs zero-weight
-        forward/backward passes on a 2-token dummy, so every rank joins every all-gather and
-        reduce-scatter; its gradient contribution is exactly zero."""
+        forward (and backward) passes on a 2-token dummy, so every rank joins every
+        all-gather and reduce-scatter; its gradient contribution is exactly zero."""
+        if self.parallel != "fsdp":
+            return
         dev = self.model.embed_tokens.weight.device
-        for _ in range(n_max - n_mine):
+        n_max = dist_.all_reduce_(torch.tensor([n_mine], device=dev), "max", "micro-batch count")
+        for _ in range(int(n_max) - n_mine):
             batch = make_packed_batch([[0, 0]], device=dev)
             targets = torch.tensor([0, IGNORE_INDEX], device=dev)
-            (self._logprobs(self.model, batch, targets).sum() * 0.0).backward()
+            with torch.set_grad_enabled(backward):
+                lp = self._logprobs(self.model, batch, targets)
+            if backward:
+                (lp.sum() * 0.0).backward()
 
     def _gather_into(self, dest: dict[str, torch.Tensor] | None) -> None:
         """Every parameter's whole value (named_full_parameters) copied into dest[name], which
@@ -180,94 +206,162 @@ class Learner:
         return self.model.named_parameters()
 
     def step(self, samples: list[Sample]) -> dict:
-        """One optimizer step over `samples`; returns host-side statistics."""
+        """rl.epochs x rl.minibatches optimizer steps over `samples`; returns host-side
+        statistics: the batch's (means over its updates; ratio_max the largest; the sampler
+        comparison from the first update, before any moved the policy) and, with more than
+        one update, "updates": one dict per optimizer step."""
         if not samples:
             raise ValueError("Learner.step needs at least one sample")
         t0 = time.perf_counter()
         self.model.train()
-        plan = self._plan(samples)
+        plans = [self._plan(samples, idx) for idx in self._schedule(len(samples))]
+        old = self._old_logprobs(samples, plans) if len(plans) > 1 else None
+        dev_stats = [self._update(plan, old) for plan in plans]
+        per_update = [{k: float(v) for k, v in st.items()} for st in dev_stats]  # the one sync
+        self.steps_done += 1
+        secs = time.perf_counter() - t0
+        out = _batch_stats(per_update)
+        n_tokens = sum(u["train_tokens"] for u in per_update)
+        out.update(train_tokens=n_tokens, train_seconds=secs, train_tokens_per_s=n_tokens / secs,
+                   samples=len(samples), optimizer_steps=len(plans),
+                   lr=self.opt.param_groups[0]["lr"])
+        if old is not None:
+            out["old_logprob_tokens"] = sum(len(samples[i].ids) for i in old)
+        if len(per_update) > 1:
+            out["updates"] = per_update
+        return out
+
+    def _schedule(self, n: int) -> list[list[int]]:
+        """Indices of every update's minibatch: rl.epochs passes, each the batch shuffled
+        (the same on every rank: seeded by the step) and cut into rl.minibatches near-equal
+        parts; one update over everything when both are 1."""
+        k = min(self.cfg.minibatches, n)
+        if self.cfg.epochs == 1 and k == 1:
+            return [list(range(n))]
+        rng = random.Random(self.steps_done * 1_000_003 + 17)
+        out = []
+        for _ in range(self.cfg.epochs):
+            order = list(range(n))
+            if k > 1:
+                rng.shuffle(order)
+            out += [sorted(order[j::k]) for j in range(k)]
+        return out
+
+    def _old_logprobs(self, samples: list[Sample], plans) -> dict[int, torch.Tensor]:
+        """The learner's log-probs [len(ids)] (position t predicts ids[t + 1]) of every sample
+        this rank trains in any update, before the first: no grad, packed like training."""
+        need = sorted({i for plan in plans for i in plan.idx})
+        bins = pack_sequences([len(samples[i].ids) for i in need], self.cfg.micro_batch_tokens)
+        self._pad_forwards(len(bins), backward=False)
+        dev = self.model.embed_tokens.weight.device
+        old = {}
+        with torch.no_grad():
+            for b in bins:
+                mb = [need[j] for j in b]
+                batch = make_packed_batch([samples[i].ids for i in mb], device=dev)
+                targets = pack_per_token([_per_token(samples[i])[0] for i in mb], batch,
+                                         dtype=torch.long).to(dev)  # [T]
+                lp = self._logprobs(self.model, batch, targets)  # [T]
+                old.update(zip(mb, torch.split(lp, batch.seq_lens)))
+        return old
+
+    def _update(self, plan: "_StepPlan", old) -> dict:
+        """One optimizer step over plan's minibatch -> its statistics (device tensors)."""
         dev = self.model.embed_tokens.weight.device
         totals = {k: torch.zeros((), device=dev) for k in _TOTALS}
         totals["ratio_max"] = torch.zeros((), device=dev)
-        if self.parallel == "fsdp":  # every rank runs as many forwards (each all-gathers)
-            n_max = dist_.all_reduce_(torch.tensor([len(plan.bins)], device=dev), "max",
-                                      "micro-batch count")
-            self._pad_forwards(int(n_max), len(plan.bins))
+        self._pad_forwards(len(plan.bins))  # FSDP: every rank runs as many forwards
         n_tokens = 0
         for idx in tqdm(plan.bins, desc="train", unit="mb", leave=False,
                         disable=not self.progress):
-            n_tokens += self._micro_batch([plan.samples[i] for i in idx], plan, totals)
+            n_tokens += self._micro_batch(idx, plan, old, totals)
         n_tokens, n_bins = self._reduce(totals, n_tokens, len(plan.bins))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                    self.cfg.max_grad_norm)
-        grad_norm = fsdp.full_tensor(grad_norm)  # FSDP: a DTensor
+        totals["grad_norm"] = fsdp.full_tensor(grad_norm)  # FSDP: a DTensor
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        self.steps_done += 1
-        secs = time.perf_counter() - t0
-        out = {k: float(v) for k, v in totals.items()}  # the step's one host sync
-        out.update(grad_norm=float(grad_norm), train_tokens=n_tokens, train_seconds=secs,
-                   train_tokens_per_s=n_tokens / secs, micro_batches=n_bins,
-                   samples=plan.n_global, lr=self.opt.param_groups[0]["lr"])
-        out["sampler_logprob_abs_diff"] = out.pop("abs_diff")
-        out["sampler_ratio_outside"] = out.pop("mismatch")
-        return out
+        dev_t = lambda x: torch.tensor(float(x), device=dev)  # noqa: E731
+        totals.update(train_tokens=dev_t(n_tokens), micro_batches=dev_t(n_bins),
+                      samples=dev_t(plan.n_global), lr=dev_t(self.opt.param_groups[0]["lr"]))
+        return totals
 
-    def _plan(self, samples: list[Sample]) -> "_StepPlan":
-        """This rank's share of the batch (balanced by tokens over ranks), its micro-batches
-        and the global counts the loss is normalised by."""
-        n_counted = sum(s.num_response_tokens for s in samples)
-        n_global = len(samples)
+    def _plan(self, samples: list[Sample], idx: list[int]) -> "_StepPlan":
+        """This rank's share of the minibatch samples[idx] (balanced by tokens over ranks),
+        its micro-batches and the global counts the loss is normalised by."""
+        n_counted = sum(samples[i].num_response_tokens for i in idx)
+        n_global = len(idx)
         world = dist_.world_size()
         if world > 1:  # every rank holds the same global batch; each trains its token share
-            share = balance_tokens([len(s.ids) for s in samples], world)[dist_.rank()]
-            samples = [samples[i] for i in share]
-        bins = pack_sequences([len(s.ids) for s in samples], self.cfg.micro_batch_tokens)
-        agg_mode = "token-sum-norm" if self.cfg.algorithm == "dr-grpo" else "token-mean"
-        return _StepPlan(samples, bins, n_counted, n_global, agg_mode)
+            share = balance_tokens([len(samples[i].ids) for i in idx], world)[dist_.rank()]
+            idx = [idx[j] for j in share]
+        bins = pack_sequences([len(samples[i].ids) for i in idx], self.cfg.micro_batch_tokens)
+        return _StepPlan(samples, idx, [[idx[j] for j in b] for b in bins], n_counted, n_global)
 
-    def _micro_batch(self, mb: list[Sample], plan: "_StepPlan", totals: dict) -> int:
+    def _micro_batch(self, mb_idx: list[int], plan: "_StepPlan", old, totals: dict) -> int:
         """Forward, loss and backward of one packed micro-batch, weighted so the micro-batches
-        add up to the whole batch's loss; its statistics added to `totals` (device tensors).
-        Returns its token count."""
-        cfg, model = self.cfg, self.model
-        dev = model.embed_tokens.weight.device
+        add up to the whole minibatch's loss; its statistics added to `totals` (device
+        tensors). Returns its token count."""
+        mb = [plan.samples[i] for i in mb_idx]
+        dev = self.model.embed_tokens.weight.device
         batch = make_packed_batch([s.ids for s in mb], device=dev)
         cols = [_per_token(s) for s in mb]
         targets = pack_per_token([c[0] for c in cols], batch, dtype=torch.long).to(dev)  # [T]
         adv = pack_per_token([c[1] for c in cols], batch).to(dev)  # [T]
         sampler_lp = pack_per_token([c[2] for c in cols], batch).to(dev)  # [T]
         mask = targets != IGNORE_INDEX  # [T]
-        logp = self._logprobs(model, batch, targets)  # [T]
+        logp, entropy = self._logprobs(self.model, batch, targets, entropy=True)  # [T], [T]
+        # one update per batch: the learner's old log-probs are its current ones (ratio 1)
+        old_lp = logp.detach() if old is None else torch.cat([old[i] for i in mb_idx])  # [T]
         ref_lp = None
         if self.ref is not None:
             with torch.no_grad():
                 ref_lp = self._logprobs(self.ref, batch, targets)  # [T]
-        agg = microbatch_agg(plan.agg_mode, global_n_tokens=plan.n_counted,
-                             global_n_seqs=plan.n_global, mb_n_seqs=len(mb),
-                             loss_norm=float(plan.n_counted))  # Dr.GRPO's constant: this batch
-        # One update per batch: the learner's old log-probs are its current ones (ratio 1);
-        # the sampler's log-probs enter through the truncated importance weight.
-        loss, st = ops.pg_loss(
-            logp, logp.detach(), adv, mask, ref_logp=ref_lp, kl_coef=cfg.kl_coef,
-            kl_estimator=cfg.kl_estimator, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-            sampler_logp=sampler_lp, tis_cap=cfg.tis_cap, agg=agg.agg,
-            loss_norm=agg.loss_norm, cu_seqlens=batch.cu_seqlens, backend=model.ops_backend)
-        (loss * agg.weight).backward()
+        loss, st, weight = self._loss(logp, old_lp, adv, mask, sampler_lp, ref_lp, batch,
+                                      len(mb), plan)
+        (loss * weight).backward()
         with torch.no_grad():
             n = max(plan.n_counted, 1)
             frac = sum(s.num_response_tokens for s in mb) / n  # host count
-            totals["loss"] += loss.detach() * agg.weight
+            totals["loss"] += loss.detach() * weight
             for k in ("clip_frac", "kl", "ratio_mean"):
                 totals[k] += st[k] * frac
             totals["ratio_max"] = torch.maximum(totals["ratio_max"], st["ratio_max"])
-            diff = (logp.detach() - sampler_lp).masked_fill(~mask, 0.0)  # [T]
+            totals["entropy"] += (entropy * mask).sum() / n
+            diff = (old_lp - sampler_lp).masked_fill(~mask, 0.0)  # [T]
             totals["abs_diff"] += diff.abs().sum() / n
             ratio = diff.exp()  # [T]
             outside = ((ratio < 0.8) | (ratio > 1.25)) & mask
             totals["mismatch"] += outside.float().sum() / n
         return batch.num_tokens
+
+    def _loss(self, logp, old_lp, adv, mask, sampler_lp, ref_lp, batch, mb_n_seqs: int,
+              plan: "_StepPlan"):
+        """The algorithm's loss of one micro-batch -> (loss [], stats, weight): loss * weight
+        summed over the micro-batches is the minibatch's loss."""
+        algo, cfg = self.algo, self.cfg
+        if algo.loss == "gspo":  # mean over the minibatch's sequences
+            loss, st = gspo_loss(logp, old_lp, adv, mask, batch.cu_seqlens,
+                                 clip_low=algo.clip_low, clip_high=algo.clip_high,
+                                 sampler_logp=sampler_lp, tis_cap=cfg.tis_cap,
+                                 weight_norm=float(max(plan.n_global, 1)))
+            return loss, st, 1.0
+        # Dr.GRPO's constant: max response tokens x sequences, whatever their lengths
+        agg = microbatch_agg(algo.agg, global_n_tokens=plan.n_counted,
+                             global_n_seqs=plan.n_global, mb_n_seqs=mb_n_seqs,
+                             loss_norm=float(self.max_response_tokens * plan.n_global))
+        if algo.loss == "sft":
+            loss, st = sft_loss(logp, mask, agg=agg.agg, loss_norm=agg.loss_norm,
+                                cu_seqlens=batch.cu_seqlens)
+            return loss, st, agg.weight
+        loss, st = ops.pg_loss(
+            logp, old_lp, adv, mask, ref_logp=ref_lp, kl_coef=cfg.kl_coef,
+            kl_estimator=cfg.kl_estimator, clip_low=algo.clip_low, clip_high=algo.clip_high,
+            dual_clip=cfg.dual_clip or None, sampler_logp=sampler_lp, tis_cap=cfg.tis_cap,
+            agg=agg.agg, loss_norm=agg.loss_norm, cu_seqlens=batch.cu_seqlens,
+            backend=self.model.ops_backend)
+        return loss, st, agg.weight
 
     def _reduce(self, totals: dict, n_tokens: int, n_bins: int) -> tuple[int, int]:
         """Under torchrun: DDP sums the ranks' gradients (one flat bucket; FSDP2
@@ -289,13 +383,26 @@ class Learner:
 
 
 # step statistics summed over micro-batches (and ranks); ratio_max is a max
-_TOTALS = ("loss", "clip_frac", "kl", "ratio_mean", "abs_diff", "mismatch")
+_TOTALS = ("loss", "clip_frac", "kl", "ratio_mean", "entropy", "abs_diff", "mismatch")
+
+
+def _batch_stats(per_update: list[dict]) -> dict:
+    """A batch's statistics from its updates': means (ratio_max: the largest; micro_batches:
+    the sum); the sampler comparison is the first update's, made before any update."""
+    n = len(per_update)
+    out = {k: sum(u[k] for u in per_update) / n
+           for k in ("loss", "clip_frac", "kl", "ratio_mean", "entropy", "grad_norm")}
+    out["ratio_max"] = max(u["ratio_max"] for u in per_update)
+    out["micro_batches"] = int(sum(u["micro_batches"] for u in per_update))
+    out["sampler_logprob_abs_diff"] = per_update[0]["abs_diff"]
+    out["sampler_ratio_outside"] = per_update[0]["mismatch"]
+    return out
 
 
 @dataclass
 class _StepPlan:
-    samples: list[Sample]  # this rank's share of the batch
+    samples: list[Sample]  # the whole batch
+    idx: list[int]  # this rank's share of the minibatch: indices into samples
     bins: list[list[int]]  # micro-batches: indices into samples
-    n_counted: int  # response tokens of the whole (global) batch
-    n_global: int  # sequences of the whole batch
-    agg_mode: str
+    n_counted: int  # response tokens of the whole (global) minibatch
+    n_global: int  # sequences of the whole minibatch
