@@ -24,9 +24,6 @@ DEMO = {
     "eval.scorer": "arithmetic",  # held-out accuracy is the verifier's, whatever trains
     "rl.prompts_per_step": 8,
     "rl.lr": 2e-5,
-    # the aggregation the demo's recorded runs used (README, bench/RESULTS.md); grpo as
-    # published averages per-sequence means instead (tao_fast/rl/algorithms.py)
-    "rl.loss_agg": "token-mean",
     "run.steps": 15,
     "run.output_dir": "runs/demo",
 }
