@@ -50,10 +50,15 @@ class ModelConfig:
     dtype: str = "float32"  # learner's master weights
     ops_backend: str = "auto"  # tao_fast.ops backend for the learner: auto | triton | torch
     gradient_checkpointing: bool = False
+    # the learner's forward and backward under torch.autocast (fp32 master weights and AdamW
+    # state stay): auto = bfloat16 on a CPU with native bf16 matmuls (AMX-BF16 / AVX512-BF16),
+    # else none | bfloat16 | none (tao_fast/dtypes.py learner_autocast)
+    autocast: str = "auto"
 
     def __post_init__(self):
         _one_of(self.dtype, WEIGHT_DTYPES, "model.dtype")
         _one_of(self.ops_backend, ("auto", "triton", "torch"), "model.ops_backend")
+        _one_of(self.autocast, ("auto", "none", "bfloat16"), "model.autocast")
 
 
 @dataclass

@@ -171,7 +171,8 @@ class TaoRecipe:
         self.learner = Learner(self.model, cfg.rl, cfg.rollout.temperature,
                                cfg.model.ops_backend, progress=self.progress,
                                replica_dtype=torch_dtype(cfg.rollout.dtype),
-                               max_response_tokens=cfg.rollout.max_tokens)
+                               max_response_tokens=cfg.rollout.max_tokens,
+                               autocast=cfg.model.autocast)
 
     def restore(self) -> None:
         """Where the run starts: round 1, step 1, or where its newest training state says

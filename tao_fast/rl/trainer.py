@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from tao_fast import ops
 from tao_fast.config import RLConfig
+from tao_fast.dtypes import learner_autocast
 from tao_fast.kernels.reference import IGNORE_INDEX
 from tao_fast.models.llama import Transformer
 from tao_fast.rl import distributed as dist_
@@ -80,7 +81,8 @@ class Learner:
 
     def __init__(self, model: Transformer, cfg: RLConfig, temperature: float,
                  ops_backend: str = "auto", progress: bool = False,
-                 replica_dtype: torch.dtype | None = None, max_response_tokens: int = 0):
+                 replica_dtype: torch.dtype | None = None, max_response_tokens: int = 0,
+                 autocast: str = "none"):
         if temperature <= 0:
             raise ValueError("training needs sampled rollouts: rollout.temperature must be > 0")
         self.model, self.cfg, self.temperature = model, cfg, temperature
@@ -89,6 +91,8 @@ class Learner:
             raise ValueError("rl.loss_agg token-sum-norm (dr-grpo) needs max_response_tokens "
                              "(rollout.max_tokens) for its constant normaliser")
         self.max_response_tokens = max_response_tokens
+        # model.autocast: the forward's matmuls in bf16 where the CPU has native bf16 GEMMs
+        self.autocast = learner_autocast(autocast, model.embed_tokens.weight.device)
         self.model.ops_backend = ops_backend  # attention; the loss ops read it from here too
         self.progress = progress
         self.ref = None
@@ -116,10 +120,12 @@ class Learner:
 
     def _logprobs(self, model, batch, targets, entropy: bool = False):
         """logp [T] (and entropy [T] with entropy=True) of targets under the model."""
-        hidden = model(batch.input_ids, batch.positions, batch.cu_seqlens, batch.max_seqlen)
-        return ops.linear_logprob(hidden, model.output_weight, targets,
-                                  temperature=self.temperature, return_entropy=entropy,
-                                  backend=model.ops_backend)
+        dev = model.embed_tokens.weight.device
+        with torch.autocast(dev.type, dtype=self.autocast, enabled=self.autocast is not None):
+            hidden = model(batch.input_ids, batch.positions, batch.cu_seqlens, batch.max_seqlen)
+            return ops.linear_logprob(hidden, model.output_weight, targets,
+                                      temperature=self.temperature, return_entropy=entropy,
+                                      backend=model.ops_backend)
 
     def _pad_forwards(self, n_mine: int, backward: bool = True) -> None:
         """FSDP: a rank with fewer micro-batches than the busiest one runs zero-weight
