@@ -83,16 +83,19 @@ def _batch():
     return out
 
 
-def _cfg(parallel="auto"):
-    return RLConfig(lr=1e-2, micro_batch_tokens=16, kl_coef=0.05, parallel=parallel)
+def _cfg(parallel="auto", updates=1):
+    """updates 2: 2 epochs x 2 minibatches, old log-probs from a pass before the first."""
+    return RLConfig(lr=1e-2, micro_batch_tokens=16, kl_coef=0.05, parallel=parallel,
+                    epochs=updates, minibatches=updates)
 
 
-def _worker(rank, world, port, out_dir, parallel, skew):
+def _worker(rank, world, port, out_dir, parallel, skew, updates):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     distributed.init(timeout_s=60)
-    learner = Learner(_tiny_model(), _cfg(parallel), temperature=1.0, ops_backend="torch")
+    learner = Learner(_tiny_model(), _cfg(parallel, updates), temperature=1.0,
+                      ops_backend="torch")
     batch = _batch()
     if skew:  # one long sequence and short ones: the ranks get unequal micro-batch counts
         batch = [Sample(list(range(40)), 2, 1.0, [-0.5] * 38)] + batch
@@ -111,26 +114,31 @@ def _worker(rank, world, port, out_dir, parallel, skew):
     distributed.shutdown()
 
 
-@pytest.mark.parametrize("parallel,skew", [("ddp", False), ("fsdp", True)])
-def test_two_rank_learner_step_equals_one_rank(tmp_path, parallel, skew):
+@pytest.mark.parametrize("parallel,skew,updates", [("ddp", False, 1), ("fsdp", True, 1),
+                                                    ("fsdp", True, 2)])
+def test_two_rank_learner_step_equals_one_rank(tmp_path, parallel, skew, updates):
     """Each rank trains its token share of the same batch; the summed gradients (DDP: one
     all-reduce; FSDP2: reduce-scatter with divide factor 1) give the 1-rank update.
     Tolerance: the sums run in another order (per-rank micro-batches, then the collective),
     so fp32 rounding differs at ~1e-7 relative; 1e-5 covers two Adam steps. `skew` gives the
-    ranks unequal micro-batch counts: FSDP pads the short rank with zero-weight passes."""
+    ranks unequal micro-batch counts: FSDP pads the short rank with zero-weight passes.
+    `updates` 2: each step is 2 epochs x 2 minibatches, each rank computing the old log-probs
+    of the samples it will train in any of them."""
     torch.set_num_threads(1)
-    one = Learner(_tiny_model(), _cfg(), temperature=1.0, ops_backend="torch")
+    one = Learner(_tiny_model(), _cfg(updates=updates), temperature=1.0, ops_backend="torch")
     batch = _batch()
     if skew:
         batch = [Sample(list(range(40)), 2, 1.0, [-0.5] * 38)] + batch
     want = [one.step(batch) for _ in range(2)]
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), parallel, skew), nprocs=2,
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), parallel, skew, updates), nprocs=2,
              join=True)
     got = torch.load(tmp_path / "dist.pt")
     for a, b in zip(want, got["stats"]):
         assert b["samples"] == a["samples"] == len(batch)
         assert b["train_tokens"] == a["train_tokens"]
-        for k in ("loss", "kl", "grad_norm", "ratio_mean", "sampler_logprob_abs_diff"):
+        assert b["optimizer_steps"] == a["optimizer_steps"] == updates * updates
+        for k in ("loss", "kl", "grad_norm", "ratio_mean", "clip_frac", "entropy",
+                  "sampler_logprob_abs_diff"):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
         assert b["micro_batches"] >= 2
     for k, v in one.model.state_dict().items():
@@ -142,8 +150,9 @@ def test_two_rank_learner_step_equals_one_rank(tmp_path, parallel, skew):
                for k, v in one.model.state_dict().items())  # the steps did move the weights
     # the 2-rank state (gathered from the FSDP shards) is a 1-rank state: one process resumes
     # from it and its next step matches the uninterrupted 1-process learner's
-    resumed = Learner(_tiny_model(), _cfg(), temperature=1.0, ops_backend="torch")
+    resumed = Learner(_tiny_model(), _cfg(updates=updates), temperature=1.0, ops_backend="torch")
     load_state(latest_state(tmp_path), resumed.model, resumed.opt, resumed.sched)
+    resumed.steps_done = one.steps_done  # as the recipe restores it (the minibatch shuffle's seed)
     a, b = one.step(batch), resumed.step(batch)
     assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
     for (k, v), w in zip(one.model.named_parameters(), resumed.model.parameters()):
