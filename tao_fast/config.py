@@ -197,8 +197,9 @@ class RLConfig:
         _check(self.weight_decay >= 0, "rl.weight_decay", "must be >= 0")
         _check(self.max_grad_norm > 0, "rl.max_grad_norm", "must be > 0")
         _check(self.kl_coef >= 0, "rl.kl_coef", f"must be >= 0, got {self.kl_coef}")
-        _check(not (self.kl_coef and loss == "sft"), "rl.kl_coef",
-               "bon-sft trains on log-likelihood alone: set rl.kl_coef=0")
+        _check(not (self.kl_coef and loss != "ppo"), "rl.kl_coef",
+               f"{self.algorithm}'s loss has no KL term here (the token-level PPO loss has): "
+               f"set rl.kl_coef=0")
         _one_of(self.kl_estimator, ("k1", "k3"), "rl.kl_estimator")
         _check(self.epochs >= 1, "rl.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.minibatches >= 1, "rl.minibatches", f"must be >= 1, got {self.minibatches}")

@@ -193,7 +193,8 @@ def test_settings_that_would_change_nothing_are_refused():
         RLConfig(algorithm="gspo", loss_agg="token-mean")
     with pytest.raises(ConfigError, match="rl.dual_clip"):
         RLConfig(algorithm="gspo", dual_clip=3.0)
-    with pytest.raises(ConfigError, match="rl.kl_coef"):
-        RLConfig(algorithm="bon-sft", kl_coef=0.1)
+    for algorithm in ("bon-sft", "gspo"):
+        with pytest.raises(ConfigError, match="rl.kl_coef"):
+            RLConfig(algorithm=algorithm, kl_coef=0.1)
     with pytest.raises(ConfigError, match="rl.sft_top_k"):
         RLConfig(algorithm="grpo", sft_top_k=2)
