@@ -338,7 +338,9 @@ class TaoRecipe:
         if batch.samples:
             m.update(self.update(batch.samples, rollouts.stats.get("peak_memory_mb", 0.0)))
         else:
-            m["skipped"] = "every group had equal rewards"
+            m["skipped"] = ("no candidate to train on: every group had equal rewards"
+                            + (" or lost its candidates to rl.overlong=filter"
+                               if algo.overlong == "filter" else ""))
         m["step_seconds"] = time.perf_counter() - t0
         return m
 
@@ -365,6 +367,9 @@ class TaoRecipe:
         if len(parts) == 1:
             return (*parts[0], 0, gen_s, score_s)
         rollouts = concat_rollouts([p[0] for p in parts])
+        secs = sum(p[0].stats.get("seconds", 0.0) for p in parts)  # one after another
+        rollouts.stats.update(seconds=secs,
+                              tokens_per_s=rollouts.stats["tokens"] / secs if secs else 0.0)
         scores = ScoreResult.concat([p[1] for p in parts])
         return rollouts, scores, extra, gen_s, score_s
 
