@@ -2,6 +2,7 @@
 
     python bench/bench_cpu_learner.py                          # fp32 vs bf16 autocast
     python bench/bench_cpu_learner.py --rounds 3 --arms none,bfloat16 --epochs 1
+    python bench/bench_cpu_learner.py --matmul                 # a bare matmul, fp32 vs bf16
 
 The batch is the demo's: 64 candidates (8 arithmetic prompts x 8) of the embedded
 SmolLM2-135M's prompts with 32-token responses, the learner in fp32 with the torch ops (what a
@@ -40,12 +41,33 @@ def demo_batch(tok, n_prompts: int = 8, n: int = 8, resp_tokens: int = 32):
     return out
 
 
+def matmul_rates(reps: int = 10) -> dict:
+    """TFLOP/s of a 2048x576 @ 576x1536 matmul (an MLP projection of the demo's model) in fp32
+    and bf16, alternating, after 3 warm-up calls each."""
+    a, b = torch.randn(2048, 576), torch.randn(576, 1536)
+    out = {}
+    for dt in (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16):
+        x, y = a.to(dt), b.to(dt)
+        for _ in range(3):
+            x @ y
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            x @ y
+        rate = 2 * 2048 * 576 * 1536 * reps / (time.perf_counter() - t0) / 1e12
+        out[str(dt).removeprefix("torch.")] = max(rate, out.get(str(dt).removeprefix("torch."), 0))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arms", default="none,bfloat16", help="model.autocast settings to compare")
     ap.add_argument("--rounds", type=int, default=2, help="A/B rounds (each runs every arm)")
     ap.add_argument("--epochs", type=int, default=1, help="rl.epochs of each step")
+    ap.add_argument("--matmul", action="store_true", help="only the bare matmul's TFLOP/s")
     a = ap.parse_args(argv)
+    if a.matmul:
+        print(json.dumps({"threads": torch.get_num_threads(), "tflops": matmul_rates()}))
+        return 0
     from tao_fast.config import RLConfig
     from tao_fast.dtypes import BF16_CPU_FLAGS, cpu_flags
     from tao_fast.models import load_model

@@ -16,8 +16,8 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 # CPU features that make bf16 matmuls faster than fp32 (oneDNN uses them); without them a bf16
-# GEMM is slower: on an Intel Xeon with AVX-512 but no AVX512-BF16, 2 threads ran
-# 2048x576 @ 576x1536 at 0.020 TFLOP/s in bf16 against 0.055 in fp32 (bench/RESULTS.md)
+# GEMM is slower: on an Intel Xeon with AVX-512 but no AVX512-BF16, a demo learner step took
+# 2.1x longer under bf16 autocast than in fp32 (bench/RESULTS.md, bench/bench_cpu_learner.py)
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
