@@ -311,7 +311,7 @@ class TaoRecipe:
         new = {prompt_id(r): r for r in records if prompt_id(r) not in self.train_ids}
         recs = list(new.values())
         by_strategy = {s: self.encode(recs, ro.max_tokens, "rollout.max_tokens", s)
-                       for s in {*ro.strategies, ro.prompt_strategy}}
+                       for s in dict.fromkeys((*ro.strategies, ro.prompt_strategy))}
         for i, pid in enumerate(new):
             self.train_ids[pid] = PromptVariants([by_strategy[s][i] for s in ro.strategies],
                                                  by_strategy[ro.prompt_strategy][i])
