@@ -102,6 +102,10 @@ def scale(cfg: TaoConfig, ns=(2, 4, 8, 16), out_dir="runs/scale", controls=CONTR
     ns = sorted(set(int(n) for n in ns))
     if not ns or ns[0] < 2:
         raise ConfigError(f"--n: every N must be >= 2 (a group needs two candidates), got {ns}")
+    k = len(cfg.rollout.strategies)
+    if ns[0] < k:
+        raise ConfigError(f"--n: every N must be >= {k}, the strategies of rollout.strategy="
+                          f"{cfg.rollout.strategy} (one candidate each at least), got {ns}")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     rows = []

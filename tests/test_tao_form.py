@@ -256,3 +256,29 @@ def test_a_mixed_group_is_refused_under_torchrun(monkeypatch):
     with pytest.raises(ConfigError, match=r"rollout\.strategy: plain\+cot .*under torchrun"):
         generate_candidates(_Engine(), _Scorer(), prompts, recs, SamplingParams(n=2, seed=0),
                             ("plain", "cot"))
+
+
+def test_scale_follows_the_eval_prompt_and_refuses_n_below_the_strategies(tmp_path, monkeypatch,
+                                                                           tiny_model):
+    """tao-fast scale's best-of-N line answers the prompt the tuned models are evaluated on;
+    an N with fewer candidates than strategies is refused before any work."""
+    from tao_fast.models import load_model
+    from tao_fast.rollout.torch_engine import TorchEngine
+    from tao_fast.scale import best_of_n, scale
+
+    train = _records(tmp_path / "train.jsonl", ["cats", "rain"])
+    held = _records(tmp_path / "held.jsonl", ["owls", "moss"])
+    cfg = load_config(overrides=[
+        f"model.path={tiny_model}", "rollout.engine=torch", "scoring.scorer=random",
+        f"data.train={tmp_path / 'train.jsonl'}", f"data.eval={tmp_path / 'held.jsonl'}",
+        "rollout.strategy=cot+structured", "rollout.train_prompt=plain", "rollout.n=2",
+        "eval.max_tokens=3", "run.progress=false"])
+    with pytest.raises(ConfigError, match=r"--n: every N must be >= 3, the strategies"):
+        scale(load_config(overrides=["rollout.strategy=plain+cot+structured",
+                                     "rollout.train_prompt=plain"]), [2, 4], tmp_path / "sc")
+    asked, gen = [], TorchEngine.generate
+    monkeypatch.setattr(TorchEngine, "generate", lambda self, prompts, sampling, progress=False:
+                        asked.append(list(prompts)) or gen(self, prompts, sampling, progress))
+    best_of_n(cfg, [1, 2], tmp_path)
+    tok = load_model(str(tiny_model))[1]
+    assert train and {tuple(p) for p in asked[0]} == _ids(tok, held, "plain")
