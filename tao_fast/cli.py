@@ -321,8 +321,10 @@ def _add_eval(sub) -> None:
                    help=f"eval.max_tokens (default {dflt.eval.max_tokens})")
     e.add_argument("--temperature", type=float,
                    help="rollout.temperature of sampled answers; 0 or absent = greedy")
-    e.add_argument("--strategy", choices=("plain", "cot", "structured"),
-                   help=f"rollout.strategy (default {dflt.rollout.strategy})")
+    e.add_argument("--strategy",
+                   help=f"rollout.strategy: plain, cot, structured, or several joined with '+' "
+                   f"(default {dflt.rollout.strategy}); with rollout.train_prompt=plain the "
+                   f"plain prompt is answered, as a model tuned that way is asked")
     e.add_argument("--seed", type=int, help=f"run.seed: sampling and the builtin task's split "
                    f"(default {dflt.run.seed})")
     e.add_argument("--n-train-exclude", type=int, default=dflt.data.n_train,

@@ -29,6 +29,8 @@ def _one_of(value, choices, key):
 
 
 WEIGHT_DTYPES = ("float32", "bfloat16")  # model.dtype and rollout.dtype
+# rollout.strategy's names: the keys of tao_fast.data.prompts.STRATEGY_SUFFIX
+STRATEGIES = ("plain", "cot", "structured")
 
 
 def check_sampling(n: int, temperature: float, top_p: float, max_tokens: int,
@@ -95,7 +97,12 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 64
-    strategy: str = "plain"  # plain | cot | structured (how the prompt asks for the answer)
+    # how the prompt asks for the answer: plain | cot | structured, or several joined with '+'
+    # (e.g. plain+cot): candidate j of a group is generated under strategy j % k
+    strategy: str = "plain"
+    # the prompt the learner trains on and the held-out evaluation answers: strategy (the
+    # strategy's prompt) | plain (the user's own prompt: the tuned model needs no suffix)
+    train_prompt: str = "strategy"
     dtype: str = "float32"  # sampler weights; bfloat16 halves CPU matmul time
     max_batch_rows: int = 256  # torch engine: sequences decoded together
     # vLLM engine (rollout.engine=vllm, or auto with vLLM installed):
@@ -123,9 +130,34 @@ class RolloutConfig:
                "rollout.tensor_parallel", "> 1 shards vLLM's weights, which the learner's whole "
                "tensors cannot share: use rollout.weight_sync=reload (or auto)")
         check_sampling(self.n, self.temperature, self.top_p, self.max_tokens, "rollout.")
-        _one_of(self.strategy, ("plain", "cot", "structured"), "rollout.strategy")
+        self._check_strategy()
         _one_of(self.dtype, WEIGHT_DTYPES, "rollout.dtype")
         _check(self.max_batch_rows >= 1, "rollout.max_batch_rows", "must be >= 1")
+
+    def _check_strategy(self) -> None:
+        _one_of(self.train_prompt, ("strategy", "plain"), "rollout.train_prompt")
+        names = self.strategies
+        for name in names:
+            _one_of(name, STRATEGIES, "rollout.strategy")
+        _check(len(set(names)) == len(names), "rollout.strategy",
+               f"names a strategy twice: {self.strategy!r}")
+        k = len(names)
+        _check(k == 1 or self.train_prompt == "plain", "rollout.strategy",
+               f"{self.strategy!r} mixes {k} prompts in a group, which then train on one "
+               f"prompt: needs rollout.train_prompt=plain")
+        _check(self.n >= k, "rollout.n", f"must be >= {k}, the strategies in "
+               f"rollout.strategy={self.strategy!r} (one candidate each at least), got {self.n}")
+
+    @property
+    def strategies(self) -> tuple[str, ...]:
+        """The strategies candidates are generated under: candidate j uses strategies[j % k]."""
+        return tuple(self.strategy.split("+"))
+
+    @property
+    def prompt_strategy(self) -> str:
+        """The strategy of the prompt the learner trains on and the held-out evaluation (and
+        so the tuned model's user) answers: plain with train_prompt=plain, else the strategy."""
+        return "plain" if self.train_prompt == "plain" else self.strategy
 
 
 @dataclass

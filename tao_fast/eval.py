@@ -81,11 +81,13 @@ def evaluate(model, prompts, scorer, cfg: TaoConfig | None = None, *, sampled: b
     model: a tao_fast Transformer (with `tokenizer`), or a model spec/path for `load_model`
     (embedded name, HF safetensors dir, GGUF); prompts: PromptRecords or strings; scorer: a
     Scorer or a spec such as "arithmetic"; cfg: the run's TaoConfig (default: TaoConfig()):
-    eval.max_tokens, rollout.strategy, data.system_prompt and run.seed apply, and with
-    sampled=True eval.samples answers per prompt at rollout.temperature: pass@1 is the mean over
-    every sample; with `select` (a Scorer or spec), best-of-N: the sample `select` scores
-    highest is the one `scorer` judges (inference-time compute instead of tuning, TAO's
-    reference line). Otherwise one greedy answer per prompt.
+    eval.max_tokens, data.system_prompt, run.seed and the prompt the tuned model is asked
+    with (rollout.prompt_strategy: plain with rollout.train_prompt=plain, else
+    rollout.strategy) apply, and with sampled=True eval.samples answers per prompt at
+    rollout.temperature: pass@1 is the mean over every sample; with `select` (a Scorer or
+    spec), best-of-N: the sample `select` scores highest is the one `scorer` judges
+    (inference-time compute instead of tuning, TAO's reference line). Otherwise one greedy
+    answer per prompt.
     The 95% CI is Wilson's over prompts (samples of one prompt are not independent).
     """
     from tao_fast.rollout.torch_engine import TorchEngine
@@ -110,7 +112,7 @@ def evaluate(model, prompts, scorer, cfg: TaoConfig | None = None, *, sampled: b
     recs = _as_records(prompts)
     if not recs:
         raise ValueError("evaluate() needs at least one prompt")
-    ids = [encode_prompt(r, tokenizer, cfg.rollout.strategy, cfg.data.system_prompt)
+    ids = [encode_prompt(r, tokenizer, cfg.rollout.prompt_strategy, cfg.data.system_prompt)
            for r in recs]
     check_records_fit(recs, ids, sampling.max_tokens, engine.max_context, "eval.max_tokens")
     texts, lens, res = _answer_and_score(engine, scorer, select, recs, ids, sampling, progress)

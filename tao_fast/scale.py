@@ -68,7 +68,9 @@ def best_of_n(cfg: TaoConfig, ns: list[int], out: Path) -> dict:
     model, tok, model_dir = load_model(cfg.model)
     engine = build_engine(cfg.rollout, model.requires_grad_(False), tok, model_dir=model_dir,
                           seed=cfg.run.seed)
-    ids = [encode_prompt(r, tok, cfg.rollout.strategy, cfg.data.system_prompt) for r in held]
+    # the prompt the tuned models are evaluated on (plain with rollout.train_prompt=plain)
+    ids = [encode_prompt(r, tok, cfg.rollout.prompt_strategy, cfg.data.system_prompt)
+           for r in held]
     ro = engine.generate(ids, SamplingParams(n=max(ns), temperature=cfg.rollout.temperature,
                                              top_p=cfg.rollout.top_p,
                                              max_tokens=cfg.eval.max_tokens, seed=cfg.run.seed),
@@ -100,6 +102,10 @@ def scale(cfg: TaoConfig, ns=(2, 4, 8, 16), out_dir="runs/scale", controls=CONTR
     ns = sorted(set(int(n) for n in ns))
     if not ns or ns[0] < 2:
         raise ConfigError(f"--n: every N must be >= 2 (a group needs two candidates), got {ns}")
+    k = len(cfg.rollout.strategies)
+    if ns[0] < k:
+        raise ConfigError(f"--n: every N must be >= {k}, the strategies of rollout.strategy="
+                          f"{cfg.rollout.strategy} (one candidate each at least), got {ns}")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -7,8 +7,9 @@
                       maybe_save; finish_round (checkpoint, evaluation, state)
     recipe.finish()   held-out evaluation (after), summary, the engine released
 
-    step() = next batch of prompts -> N candidates each (rollouts) -> scores -> group
-             advantages -> update (engine asleep, learner step, weights synced into the engine)
+    step() = next batch of prompts -> N candidates each (rollouts, under rollout.strategy's
+             prompts) -> scores -> group advantages -> update on rollout.train_prompt's prompt
+             (engine asleep, learner step, weights synced into the engine)
 
 The run directory holds config.yaml, metrics.jsonl, manifest.jsonl, eval_*.json,
 summary.json/.md, checkpoint-round*/ and state/ (tao_fast/rl/state.py). The config is read,
@@ -16,6 +17,7 @@ never changed, while the run goes.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -41,10 +43,11 @@ from tao_fast.profiling.trace import phase
 from tao_fast.rl import distributed as dist_
 from tao_fast.rl.batch import build_samples, fill_groups, signal_of, take_groups
 from tao_fast.rl.metrics import rollout_metrics
-from tao_fast.rl.rollout_shards import concat_rollouts, generate_and_score
+from tao_fast.rl.rollout_shards import concat_rollouts
 from tao_fast.rl.state import ResumeState, latest_state, load_state, save_state
 from tao_fast.rl.trainer import Learner
 from tao_fast.rollout import SamplingParams, build_engine, check_records_fit
+from tao_fast.rollout.strategies import PromptVariants, generate_candidates
 from tao_fast.run_dir import check_space, check_writable, kill_at, writing
 from tao_fast.scoring import ScorerContext, build_scorer
 from tao_fast.scoring.base import ScoreResult
@@ -136,6 +139,10 @@ class TaoRecipe:
         the seed."""
         check_writable(self.run_dir)
         dist_.init(self.cfg.run.dist_timeout_s, self.run_dir)
+        strategy = self.cfg.rollout.strategy
+        if dist_.active() and len(self.cfg.rollout.strategies) > 1:
+            raise ConfigError(f"rollout.strategy: {strategy} mixes strategies in a group, "
+                              f"which runs on one process; under torchrun use one strategy")
         self.progress = self.cfg.run.progress and dist_.is_main()  # one bar: rank 0's
         if self.cfg.run.threads:
             torch.set_num_threads(self.cfg.run.threads)
@@ -218,10 +225,11 @@ class TaoRecipe:
                 if tp_engine else f"from a whole-weight {cfg.rollout.dtype} replica per rank"))
         if self.engine.lockstep:
             self._refuse_policy_judge_under_dp()
-        self.train_ids: dict[str, list[int]] = {}  # every prompt fits, before any compute
+        self.train_ids: dict[str, PromptVariants] = {}  # every prompt fits, before any compute
         self.encode_training(self.train_prompts)
-        if self.held_out:
-            self.encode(self.held_out, cfg.eval.max_tokens, "eval.max_tokens")
+        if self.held_out:  # answered as the tuned model will be asked (rollout.train_prompt)
+            self.encode(self.held_out, cfg.eval.max_tokens, "eval.max_tokens",
+                        cfg.rollout.prompt_strategy)
         n_params = sum(p.numel() for p in self.model.parameters())
         log(f"[tao-fast] model {self.model_dir} ({n_params / 1e6:.1f}M params), "
             f"{len(self.train_prompts)} training prompts, {len(self.held_out)} held-out, scorer "
@@ -289,26 +297,32 @@ class TaoRecipe:
         self.encoded = [self.train_ids[prompt_id(r)] for r in self.pool]
         check_space(self.run_dir, self.model, cfg.run.keep_states, self.checkpoint_dtype)
 
-    def encode(self, records, max_tokens: int, key: str) -> list[list[int]]:
-        """Token ids of the records' prompts (chat template, rollout.strategy), each checked
-        to leave room for max_tokens in the engine's context: an over-long prompt is an error
+    def encode(self, records, max_tokens: int, key: str, strategy: str) -> list[list[int]]:
+        """Token ids of the records' prompts (chat template, `strategy`), each checked to
+        leave room for max_tokens in the engine's context: an over-long prompt is an error
         naming it before any generation."""
-        ids = [encode_prompt(r, self.tokenizer, self.cfg.rollout.strategy,
-                             self.cfg.data.system_prompt)
+        ids = [encode_prompt(r, self.tokenizer, strategy, self.cfg.data.system_prompt)
                for r in tqdm(records, desc="encode", unit="prompt", leave=False,
                              disable=not self.progress or len(records) < 2000)]
         check_records_fit(records, ids, max_tokens, self.engine.max_context, key)
         return ids
 
     def encode_training(self, records) -> None:
-        """Encode and check the training prompts not seen yet (train_ids: by prompt id)."""
+        """Encode and check the training prompts not seen yet (train_ids: by prompt id), under
+        each of rollout.strategy's strategies (generation; every one must fit) and, with
+        rollout.train_prompt=plain, plain (what the learner trains on)."""
+        ro = self.cfg.rollout
         new = {prompt_id(r): r for r in records if prompt_id(r) not in self.train_ids}
-        ids = self.encode(list(new.values()), self.cfg.rollout.max_tokens, "rollout.max_tokens")
-        self.train_ids.update(zip(new, ids))
+        recs = list(new.values())
+        by_strategy = {s: self.encode(recs, ro.max_tokens, "rollout.max_tokens", s)
+                       for s in dict.fromkeys((*ro.strategies, ro.prompt_strategy))}
+        for i, pid in enumerate(new):
+            self.train_ids[pid] = PromptVariants([by_strategy[s][i] for s in ro.strategies],
+                                                 by_strategy[ro.prompt_strategy][i])
 
-    def next_batch(self) -> tuple[list, list[list[int]]]:
-        """rl.prompts_per_step records of the pool and their token ids (encoded when the round
-        began); the pool is reshuffled once per pass over it."""
+    def next_batch(self) -> tuple[list, list[PromptVariants]]:
+        """rl.prompts_per_step records of the pool and their prompts' token ids (encoded when
+        the round began); the pool is reshuffled once per pass over it."""
         n = self.cfg.rl.prompts_per_step
         if len(self.order) < n:
             fresh = list(range(len(self.pool)))
@@ -352,13 +366,16 @@ class TaoRecipe:
         cfg, gstep, algo = self.cfg, self.global_step, self.learner.algo
         parts, gen_s, score_s, n_signal, extra = [], 0.0, 0.0, 0, 0
         while True:
-            recs, ids = self.next_batch()
-            seed = cfg.run.seed * 1_000_003 + gstep + 7_919 * extra
+            recs, prompts = self.next_batch()
+            seed = cfg.run.seed * 1_000_003 + gstep + 104_729 * extra  # strategies add 7_919 * s
             sampling = SamplingParams.from_config(cfg.rollout, seed=seed)
-            # under torchrun each rank samples and scores a slice; every rank gets the whole
-            ro, sc, g, s = generate_and_score(self.engine, self.scorer, ids, recs, sampling,
-                                              progress=self.progress)
-            parts.append((ro, sc))
+            # candidate j under strategy j % k; under torchrun each rank samples and scores a
+            # slice (one strategy), every rank gets the whole
+            ro, sc, g, s = generate_candidates(self.engine, self.scorer, prompts, recs, sampling,
+                                               cfg.rollout.strategies, progress=self.progress)
+            # the responses train on rollout.train_prompt's prompt: with plain, the user's own
+            # (the learner's importance weight, capped at rl.tis_cap, corrects for the change)
+            parts.append((dataclasses.replace(ro, prompt_ids=[p.train for p in prompts]), sc))
             gen_s, score_s = gen_s + g, score_s + s
             n_signal += sum(signal_of(algo, ro, sc.rewards, cfg.rollout.max_tokens))
             if n_signal >= cfg.rl.prompts_per_step or extra >= algo.dynamic_rounds:

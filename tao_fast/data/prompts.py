@@ -106,7 +106,8 @@ def read_jsonl(path) -> list[PromptRecord]:
     return out
 
 
-# How the prompt asks for the answer (rollout.strategy); appended to the last user message.
+# How the prompt asks for the answer (rollout.strategy names one or several of these, as
+# config.STRATEGIES lists them); appended to the last user message.
 STRATEGY_SUFFIX = {
     "plain": "",
     "cot": "\nThink step by step, then give the final answer on the last line.",
