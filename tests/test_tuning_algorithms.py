@@ -4,7 +4,6 @@ in the step's metrics; bon-sft trains. The scorer is a user function that gives 
 prompts that ask for it, so which groups have signal is known."""
 import json
 
-
 import tao_fast
 
 SCORER = '''
