@@ -223,7 +223,10 @@ class Learner:
         plans = [self._plan(samples, idx) for idx in self._schedule(len(samples))]
         old = self._old_logprobs(samples, plans) if len(plans) > 1 else None
         dev_stats = [self._update(plan, old) for plan in plans]
-        per_update = [{k: float(v) for k, v in st.items()} for st in dev_stats]  # the one sync
+        keys = list(dev_stats[0])
+        table = torch.stack([torch.stack([st[k].double().reshape(()) for k in keys])
+                             for st in dev_stats]).tolist()  # [updates, keys]: the one sync
+        per_update = [dict(zip(keys, row)) for row in table]
         self.steps_done += 1
         secs = time.perf_counter() - t0
         out = _batch_stats(per_update)
