@@ -353,6 +353,9 @@ class LinearLogprobFunction(torch.autograd.Function):
         logp, ent, lse, ez = _forward(hidden, weight, targets, inv_temp, return_entropy)
         ctx.save_for_backward(hidden, weight, targets, lse, ez)
         ctx.temperature, ctx.fallback, ctx.with_ent = temperature, fallback, return_entropy
+        # an output the loss does not use arrives as None, not zeros: the learner reads the
+        # entropy as a metric only, and the backward then skips the entropy-gradient terms
+        ctx.set_materialize_grads(False)
         return logp, ent
 
     @staticmethod

@@ -177,6 +177,29 @@ def test_entropy_only_gradient_and_partial_requires_grad():
     assert _rel(h.grad, ref_dh) < 1e-5
 
 
+def test_unused_entropy_costs_the_backward_nothing(monkeypatch):
+    # the learner asks for the entropy as a metric and backpropagates logp only: the backward
+    # must get g_ent None (the entropy-gradient terms skipped), and the same d hidden as
+    # without the entropy
+    T, V, H = 40, 700, 64
+    hidden, weight, targets, g_lp, _ = _inputs(T, V, H, torch.float32, seed=9)
+    seen, real = [], llp._backward
+
+    def spy(*args, **kw):
+        seen.append(args[6] is None)  # g_ent
+        return real(*args, **kw)
+
+    monkeypatch.setattr(llp, "_backward", spy)
+    grads = []
+    for with_ent in (True, False):
+        h = hidden.clone().requires_grad_()
+        out = llp.linear_logprob(h, weight, targets, return_entropy=with_ent)
+        (out[0] * g_lp).sum().backward()
+        grads.append(h.grad)
+    assert seen == [True, True]
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
 def test_ops_triton_backend_matches_torch_backend():
     T, V, H = 130, 1500, 96
     hidden, weight, targets, g_lp, _ = _inputs(T, V, H, torch.float32, seed=7)
