@@ -41,7 +41,7 @@ from tao_fast.fileio import atomic_write_lines
 from tao_fast.profiling.memory import PeakMemory
 from tao_fast.profiling.trace import phase
 from tao_fast.rl import distributed as dist_
-from tao_fast.rl.batch import build_samples, fill_groups, signal_of, take_groups
+from tao_fast.rl.batch import build_samples, fill_groups, reward_signal, take_groups
 from tao_fast.rl.metrics import rollout_metrics
 from tao_fast.rl.rollout_shards import concat_rollouts
 from tao_fast.rl.state import ResumeState, latest_state, load_state, save_state
@@ -340,7 +340,7 @@ class TaoRecipe:
         if gstep == self.kill_at:
             os.kill(os.getpid(), SIGKILL)
         max_tokens = cfg.rollout.max_tokens
-        signal = signal_of(algo, rollouts, scores.rewards, max_tokens)
+        signal = reward_signal(scores.rewards)  # [P], before any shaping
         m = {"round": self.round, "step": self.step, "global_step": gstep,
              **rollout_metrics(rollouts, scores, signal, gen_s, score_s)}
         if algo.dynamic_rounds:  # DAPO: train on rl.prompts_per_step groups with signal
@@ -377,7 +377,7 @@ class TaoRecipe:
             # (the learner's importance weight, capped at rl.tis_cap, corrects for the change)
             parts.append((dataclasses.replace(ro, prompt_ids=[p.train for p in prompts]), sc))
             gen_s, score_s = gen_s + g, score_s + s
-            n_signal += sum(signal_of(algo, ro, sc.rewards, cfg.rollout.max_tokens))
+            n_signal += sum(reward_signal(sc.rewards))
             if n_signal >= cfg.rl.prompts_per_step or extra >= algo.dynamic_rounds:
                 break
             extra += 1

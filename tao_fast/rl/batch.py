@@ -5,7 +5,7 @@
                       overlong filter: not the truncated) -> Samples
 
 and DAPO's dynamic sampling: `fill_groups` picks, from the groups generated over one or more
-rounds, those the step trains on. Pure functions of the rollouts and rewards (no model, no
+rounds, those the step trains on (by `reward_signal`, the unshaped scores). Pure functions of the rollouts and rewards (no model, no
 engine), so each is tested alone.
 """
 from __future__ import annotations
@@ -35,9 +35,11 @@ def shaped_rewards(algo: Resolved, rollouts: Rollouts, rewards: list[list[float]
              for r, t in zip(rg, tg)] for rg, tg in zip(rewards, rollouts.token_ids)]
 
 
-def signal_of(algo: Resolved, rollouts: Rollouts, rewards, max_tokens: int) -> list[bool]:
-    """[P]: which groups carry signal (unequal shaped rewards)."""
-    return group_advantages(shaped_rewards(algo, rollouts, rewards, max_tokens), "centered")[1]
+def reward_signal(rewards: list[list[float]]) -> list[bool]:
+    """[P]: which groups' scores differ, before any shaping. What dynamic sampling keeps (DAPO
+    drops the groups whose answers the verifier finds all right or all wrong, whatever the
+    overlong penalty adds) and what a step's zero_signal_groups counts."""
+    return group_advantages(rewards, "centered")[1]
 
 
 def build_samples(algo: Resolved, rl, rollouts: Rollouts, rewards: list[list[float]],

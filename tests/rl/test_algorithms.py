@@ -10,7 +10,7 @@ from tao_fast.config import ConfigError, RLConfig, load_config
 from tao_fast.rl.advantages import (best_of_group, group_advantages, length_adjusted,
                                     overlong_penalty)
 from tao_fast.rl.algorithms import ALGORITHMS, resolve
-from tao_fast.rl.batch import build_samples, fill_groups, signal_of, take_groups
+from tao_fast.rl.batch import build_samples, fill_groups, reward_signal, take_groups
 from tao_fast.rl.losses import gspo_loss, sft_loss
 from tao_fast.rollout import Rollouts
 from tao_fast.scoring.base import ScoreResult
@@ -145,9 +145,11 @@ def test_overlong_filter_and_penalty():
     b = build_samples(algo, RLConfig(algorithm="dapo"), ro, rewards, 10)
     assert b.metrics["overlong_penalty_mean"] == pytest.approx(-1 / 3)
     assert [s.advantage > 0 for s in b.samples] == [True, False, False]
-    # a group that only the penalty separates has signal
-    assert signal_of(algo, ro, [[1.0, 1.0, 1.0]], 10) == [True]
-    assert signal_of(_algo("grpo"), ro, [[1.0, 1.0, 1.0]], 10) == [False]
+    # a group that only the penalty separates trains, but has no signal for dynamic sampling
+    # (DAPO keeps groups by the verifier's outcome)
+    assert len(build_samples(algo, RLConfig(algorithm="dapo"), ro, [[1.0] * 3], 10).samples) == 3
+    assert not build_samples(_algo("grpo"), RLConfig(), ro, [[1.0] * 3], 10).samples
+    assert reward_signal([[1.0, 1.0, 1.0], [0.0, 1.0, 1.0]]) == [False, True]
 
 
 def test_dynamic_sampling_choice():
