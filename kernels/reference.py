@@ -17,7 +17,7 @@ IGNORE_INDEX = -100
 _LOGPROB_CHUNK = 1024
 
 
-def _logprob_chunk(h, w, t, temperature: float, want_entropy: bool):
+def _logprob_chunk(h, w, t, temperature: float, want_entropy: bool, entropy_grad: bool = True):
     logits = (h.float() @ w.float().t()) / temperature  # [C, V]
     lse = torch.logsumexp(logits, dim=-1)  # [C]
     valid = t != IGNORE_INDEX
@@ -26,18 +26,23 @@ def _logprob_chunk(h, w, t, temperature: float, want_entropy: bool):
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     if not want_entropy:
         return logp, None
-    p = torch.softmax(logits, dim=-1)
-    ent = lse - (p * logits).sum(-1)  # H = lse - E_p[z]
-    ent = torch.where(valid, ent, torch.zeros_like(ent))
+    # entropy_grad=False (a metric): no graph through it, so the backward's recompute keeps no
+    # [C, V] softmax and product alive (2 x 64 MiB at C=1024, V=16384)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+        p = torch.softmax(logits, dim=-1)
+        ent = lse - (p * logits).sum(-1)  # H = lse - E_p[z]
+        ent = torch.where(valid, ent, torch.zeros_like(ent))
     return logp, ent
 
 
-def linear_logprob(hidden, weight, targets, temperature: float = 1.0, return_entropy: bool = False):
+def linear_logprob(hidden, weight, targets, temperature: float = 1.0, return_entropy: bool = False,
+                   entropy_grad: bool = True):
     """log softmax((hidden @ weight.T) / temperature)[targets], optionally with the entropy.
 
     hidden [T, H], weight [V, H], targets [T] int (IGNORE_INDEX=-100 gives 0 and no gradient).
-    Returns logp [T] fp32 and entropy [T] fp32 (or None). Chunked over tokens with activation
-    recomputation, so memory is O(chunk * V) in forward and backward.
+    Returns logp [T] fp32 and entropy [T] fp32 (or None; with entropy_grad=False it carries no
+    gradient). Chunked over tokens with activation recomputation, so memory is O(chunk * V) in
+    forward and backward.
     """
     T = hidden.shape[0]
     logps, ents = [], []
@@ -45,9 +50,9 @@ def linear_logprob(hidden, weight, targets, temperature: float = 1.0, return_ent
         h, t = hidden[s:s + _LOGPROB_CHUNK], targets[s:s + _LOGPROB_CHUNK]
         if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
             lp, en = checkpoint(_logprob_chunk, h, weight, t, temperature, return_entropy,
-                                use_reentrant=False)
+                                entropy_grad, use_reentrant=False)
         else:
-            lp, en = _logprob_chunk(h, weight, t, temperature, return_entropy)
+            lp, en = _logprob_chunk(h, weight, t, temperature, return_entropy, entropy_grad)
         logps.append(lp)
         ents.append(en)
     logp = torch.cat(logps) if logps else hidden.new_zeros(0, dtype=torch.float32)

@@ -61,13 +61,15 @@ def _named(fn):
 
 @_named
 def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                   temperature: float = 1.0, return_entropy: bool = False, backend: str = "auto"):
+                   temperature: float = 1.0, return_entropy: bool = False,
+                   entropy_grad: bool = True, backend: str = "auto"):
     """Log-probability of `targets` under softmax((hidden @ weight.T) / temperature).
 
     hidden [T, H] (bf16/fp16/fp32), weight [V, H], targets [T] int64/int32; -100 marks an
     ignored token (logp 0, no gradient). Returns logp [T] fp32, and entropy [T] fp32 of the
-    same distribution when return_entropy=True. Differentiable w.r.t. hidden and weight; never
-    holds a [T, V] tensor beyond one tile/chunk.
+    same distribution when return_entropy=True. Differentiable w.r.t. hidden and weight (the
+    entropy too, unless entropy_grad=False: a metric, which then costs the backward nothing);
+    never holds a [T, V] tensor beyond one tile/chunk.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden [T, H] and weight [V, H] expected, got {tuple(hidden.shape)} "
@@ -80,9 +82,12 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         from tao_fast.kernels.linear_logprob import linear_logprob as kernel
         logp, ent = kernel(hidden, weight, targets, temperature=temperature,
                            return_entropy=return_entropy, fallback=backend == "auto")
+        if ent is not None and not entropy_grad:
+            ent = ent.detach()  # the kernel's backward then gets no entropy gradient
     else:
         logp, ent = reference.linear_logprob(hidden, weight, targets, temperature=temperature,
-                                             return_entropy=return_entropy)
+                                             return_entropy=return_entropy,
+                                             entropy_grad=entropy_grad)
     return (logp, ent) if return_entropy else logp
 
 

@@ -125,7 +125,7 @@ class Learner:
             hidden = model(batch.input_ids, batch.positions, batch.cu_seqlens, batch.max_seqlen)
             return ops.linear_logprob(hidden, model.output_weight, targets,
                                       temperature=self.temperature, return_entropy=entropy,
-                                      backend=model.ops_backend)
+                                      entropy_grad=False, backend=model.ops_backend)
 
     def _pad_forwards(self, n_mine: int, backward: bool = True) -> None:
         """FSDP: a rank with fewer micro-batches than the busiest one runs zero-weight

@@ -200,6 +200,24 @@ def test_unused_entropy_costs_the_backward_nothing(monkeypatch):
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_entropy_as_a_metric_carries_no_gradient(backend):
+    # entropy_grad=False: the same values, no graph through the entropy (the reference's
+    # backward recompute then builds no [C, V] softmax for it), logp's gradient unchanged
+    T, V, H = 40, 700, 64
+    hidden, weight, targets, g_lp, _ = _inputs(T, V, H, torch.float32, seed=11)
+    outs = []
+    for entropy_grad in (True, False):
+        h = hidden.clone().requires_grad_()
+        lp, ent = ops.linear_logprob(h, weight, targets, return_entropy=True,
+                                     entropy_grad=entropy_grad, backend=backend)
+        assert ent.requires_grad == entropy_grad
+        (lp * g_lp).sum().backward()
+        outs.append((ent.detach(), h.grad))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-6, atol=1e-7)
+
+
 def test_ops_triton_backend_matches_torch_backend():
     T, V, H = 130, 1500, 96
     hidden, weight, targets, g_lp, _ = _inputs(T, V, H, torch.float32, seed=7)
