@@ -383,10 +383,7 @@ class TaoRecipe:
             extra += 1
         if len(parts) == 1:
             return (*parts[0], 0, gen_s, score_s)
-        rollouts = concat_rollouts([p[0] for p in parts])
-        secs = sum(p[0].stats.get("seconds", 0.0) for p in parts)  # one after another
-        rollouts.stats.update(seconds=secs,
-                              tokens_per_s=rollouts.stats["tokens"] / secs if secs else 0.0)
+        rollouts = concat_rollouts([p[0] for p in parts], one_after_another=True)
         scores = ScoreResult.concat([p[1] for p in parts])
         return rollouts, scores, extra, gen_s, score_s
 

@@ -27,18 +27,27 @@ def shard_range(n: int, world: int | None = None, r: int | None = None) -> tuple
     return start, start + base + (1 if r < extra else 0)
 
 
-def concat_rollouts(parts: Sequence[Rollouts]) -> Rollouts:
-    """The rollouts of consecutive slices of prompts as one, in order. Stats: tokens summed;
-    seconds and peak_memory_mb the slowest / largest part's (the parts ran side by side)."""
-    cat = lambda xs: [y for x in xs for y in x]  # noqa: E731
-    secs = max(r.stats.get("seconds", 0.0) for r in parts)
+def combined_stats(parts: Sequence[Rollouts], one_after_another: bool) -> dict:
+    """The stats of several rollouts taken as one: tokens summed; seconds summed when the parts
+    ran one after another, else the slowest part's (side by side, e.g. ranks); tokens_per_s
+    from those; peak_memory_mb the largest part's."""
+    secs = [r.stats.get("seconds", 0.0) for r in parts]
+    secs = sum(secs) if one_after_another else max(secs)
     tokens = sum(r.stats.get("tokens", 0) for r in parts)
     stats = {"tokens": tokens, "seconds": secs, "tokens_per_s": tokens / secs if secs else 0.0}
     if any("peak_memory_mb" in r.stats for r in parts):
         stats["peak_memory_mb"] = max(r.stats.get("peak_memory_mb", 0.0) for r in parts)
+    return stats
+
+
+def concat_rollouts(parts: Sequence[Rollouts], one_after_another: bool = False) -> Rollouts:
+    """The rollouts of consecutive slices of prompts as one, in order; stats by
+    `combined_stats` (default: the parts ran side by side, as the ranks' slices do)."""
+    cat = lambda xs: [y for x in xs for y in x]  # noqa: E731
     return Rollouts(cat(r.prompt_ids for r in parts), cat(r.token_ids for r in parts),
                     cat(r.texts for r in parts), cat(r.logprobs for r in parts),
-                    cat(r.finish_reasons for r in parts), stats=stats)
+                    cat(r.finish_reasons for r in parts),
+                    stats=combined_stats(parts, one_after_another))
 
 
 def generate_and_score(engine: Engine, scorer: Scorer, prompts: Sequence[list[int]],

@@ -18,7 +18,7 @@ from typing import Sequence
 from tao_fast.config import ConfigError
 from tao_fast.profiling.trace import phase
 from tao_fast.rl import distributed as dist_
-from tao_fast.rl.rollout_shards import generate_and_score
+from tao_fast.rl.rollout_shards import combined_stats, generate_and_score
 from tao_fast.rollout.protocol import Engine, Rollouts, SamplingParams
 from tao_fast.scoring.base import Scorer
 
@@ -62,13 +62,9 @@ def merge_candidates(parts: Sequence[Rollouts]) -> Rollouts:
             out.append([getattr(parts[j % k], field)[p][j // k] for j in range(n)])
         return out
 
-    tokens = sum(r.stats.get("tokens", 0) for r in parts)
-    secs = sum(r.stats.get("seconds", 0.0) for r in parts)
-    stats = {"tokens": tokens, "seconds": secs, "tokens_per_s": tokens / secs if secs else 0.0}
-    if any("peak_memory_mb" in r.stats for r in parts):
-        stats["peak_memory_mb"] = max(r.stats.get("peak_memory_mb", 0.0) for r in parts)
     return Rollouts(parts[0].prompt_ids, interleave("token_ids"), interleave("texts"),
-                    interleave("logprobs"), interleave("finish_reasons"), stats=stats)
+                    interleave("logprobs"), interleave("finish_reasons"),
+                    stats=combined_stats(parts, one_after_another=True))
 
 
 def strategy_sampling(sampling: SamplingParams, s: int, k: int) -> SamplingParams:

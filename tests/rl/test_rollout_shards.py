@@ -37,5 +37,8 @@ def test_concat_rollouts_keeps_prompt_order_and_merges_stats():
     assert got.stats == {"tokens": 12, "seconds": 4.0, "tokens_per_s": 3.0,
                          "peak_memory_mb": 100.0}
     assert "peak_memory_mb" not in rollout_shards.concat_rollouts([b, c]).stats
+    # batches one after another (a step's dynamic-sampling rounds): 2 + 4 s, 12 / 6 tokens/s
+    seq = rollout_shards.concat_rollouts([a, b, c], one_after_another=True)
+    assert seq.stats == {"tokens": 12, "seconds": 6.0, "tokens_per_s": 2.0, "peak_memory_mb": 100.0}
     assert rollout_shards.concat_rollouts([c, c]).stats == {"tokens": 0, "seconds": 0.0,
                                                             "tokens_per_s": 0.0}
