@@ -221,8 +221,8 @@ class Learner:
         t0 = time.perf_counter()
         self.model.train()
         plans = [self._plan(samples, idx) for idx in self._schedule(len(samples))]
-        old = self._old_logprobs(samples, plans) if len(plans) > 1 else None
-        dev_stats = [self._update(plan, old) for plan in plans]
+        old, ref = self._old_logprobs(samples, plans) if len(plans) > 1 else (None, None)
+        dev_stats = [self._update(plan, old, ref) for plan in plans]
         keys = list(dev_stats[0])
         table = torch.stack([torch.stack([st[k].double().reshape(()) for k in keys])
                              for st in dev_stats]).tolist()  # [updates, keys]: the one sync
@@ -256,14 +256,16 @@ class Learner:
             out += [sorted(order[j::k]) for j in range(k)]
         return out
 
-    def _old_logprobs(self, samples: list[Sample], plans) -> dict[int, torch.Tensor]:
+    def _old_logprobs(self, samples: list[Sample], plans):
         """The learner's log-probs [len(ids)] (position t predicts ids[t + 1]) of every sample
-        this rank trains in any update, before the first: no grad, packed like training."""
+        this rank trains in any update, before the first: no grad, packed like training.
+        -> (old {sample index: [len(ids)]}, the frozen reference's the same way or None): the
+        reference never changes, so its forward runs once per batch, not once per update."""
         need = sorted({i for plan in plans for i in plan.idx})
         bins = pack_sequences([len(samples[i].ids) for i in need], self.cfg.micro_batch_tokens)
         self._pad_forwards(len(bins), backward=False)
         dev = self.model.embed_tokens.weight.device
-        old = {}
+        old, ref = {}, ({} if self.ref is not None else None)
         with torch.no_grad():
             for b in bins:
                 mb = [need[j] for j in b]
@@ -272,9 +274,12 @@ class Learner:
                                          dtype=torch.long).to(dev)  # [T]
                 lp = self._logprobs(self.model, batch, targets)  # [T]
                 old.update(zip(mb, torch.split(lp, batch.seq_lens)))
-        return old
+                if ref is not None:
+                    ref_lp = self._logprobs(self.ref, batch, targets)  # [T]
+                    ref.update(zip(mb, torch.split(ref_lp, batch.seq_lens)))
+        return old, ref
 
-    def _update(self, plan: "_StepPlan", old) -> dict:
+    def _update(self, plan: "_StepPlan", old, ref) -> dict:
         """One optimizer step over plan's minibatch -> its statistics (device tensors)."""
         dev = self.model.embed_tokens.weight.device
         totals = {k: torch.zeros((), device=dev) for k in _TOTALS}
@@ -283,7 +288,7 @@ class Learner:
         n_tokens = 0
         for idx in tqdm(plan.bins, desc="train", unit="mb", leave=False,
                         disable=not self.progress):
-            n_tokens += self._micro_batch(idx, plan, old, totals)
+            n_tokens += self._micro_batch(idx, plan, old, ref, totals)
         n_tokens, n_bins = self._reduce(totals, n_tokens, len(plan.bins))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                    self.cfg.max_grad_norm)
@@ -308,10 +313,12 @@ class Learner:
         bins = pack_sequences([len(samples[i].ids) for i in idx], self.cfg.micro_batch_tokens)
         return _StepPlan(samples, idx, [[idx[j] for j in b] for b in bins], n_counted, n_global)
 
-    def _micro_batch(self, mb_idx: list[int], plan: "_StepPlan", old, totals: dict) -> int:
+    def _micro_batch(self, mb_idx: list[int], plan: "_StepPlan", old, ref,
+                     totals: dict) -> int:
         """Forward, loss and backward of one packed micro-batch, weighted so the micro-batches
         add up to the whole minibatch's loss; its statistics added to `totals` (device
-        tensors). Returns its token count."""
+        tensors). old / ref: the log-probs before the first update (several updates), else
+        None. Returns its token count."""
         mb = [plan.samples[i] for i in mb_idx]
         dev = self.model.embed_tokens.weight.device
         batch = make_packed_batch([s.ids for s in mb], device=dev)
@@ -324,7 +331,9 @@ class Learner:
         # one update per batch: the learner's old log-probs are its current ones (ratio 1)
         old_lp = logp.detach() if old is None else torch.cat([old[i] for i in mb_idx])  # [T]
         ref_lp = None
-        if self.ref is not None:
+        if ref is not None:
+            ref_lp = torch.cat([ref[i] for i in mb_idx])  # [T]
+        elif self.ref is not None:
             with torch.no_grad():
                 ref_lp = self._logprobs(self.ref, batch, targets)  # [T]
         loss, st, weight = self._loss(logp, old_lp, adv, mask, sampler_lp, ref_lp, batch,

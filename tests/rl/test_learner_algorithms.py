@@ -106,7 +106,7 @@ def test_old_logprobs_are_the_learners_before_the_update():
     learner = _learner(epochs=2)
     samples = _samples()
     plans = [learner._plan(samples, idx) for idx in learner._schedule(len(samples))]
-    old = learner._old_logprobs(samples, plans)
+    old, _ = learner._old_logprobs(samples, plans)
     for i, s in enumerate(samples):
         ref, _ = _response_logp(learner.model, s)
         got = old[i][s.prompt_len - 1:-1]  # position t predicts ids[t + 1]
@@ -146,3 +146,19 @@ def test_dual_clip_bounds_negative_advantage_tokens():
     dual = _learner(lr=3e-2, epochs=2, dual_clip=1.01).step(batch())["updates"][1]
     assert base["ratio_max"] > 1.01
     assert dual["loss"] < base["loss"] - 1e-4
+
+
+def test_the_reference_runs_once_per_batch_whatever_the_updates():
+    # KL to a frozen reference: its log-probs never change, so with 2 epochs x 2 minibatches
+    # its forward runs in the pass before the first update only, as often as in a 1-update
+    # step (one per micro-batch of the whole batch), and its KL to the start is 0 there
+    calls = []
+    counts = []
+    for kw in ({}, {"epochs": 2, "minibatches": 2}):
+        learner = _learner(lr=3e-2, kl_coef=0.05, **kw)
+        calls.clear()
+        learner.ref.register_forward_hook(lambda *a: calls.append(1))
+        st = learner.step(_samples())
+        counts.append(len(calls))
+    assert counts[1] == counts[0] >= 2  # 16-token micro-batches: several
+    assert st["updates"][0]["kl"] == pytest.approx(0.0, abs=1e-9) and st["updates"][3]["kl"] > 0
