@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from harness import cpu_name, git_commit
 
 ROWS = {  # name -> overrides on top of the demo's settings
     "grpo": ["rl.algorithm=grpo"],
@@ -35,14 +36,6 @@ ROWS = {  # name -> overrides on top of the demo's settings
     "grpo-token-mean": ["rl.algorithm=grpo", "rl.loss_agg=token-mean"],
     "grpo-shorter": ["rl.algorithm=grpo", "rl.length_penalty=0.5"],
 }
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def run_row(name: str, overrides: list[str], runs: Path, engine: str, before: bool) -> dict:
@@ -105,9 +98,10 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown rows {unknown}; known: {list(ROWS)}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    head = {"date": time.strftime("%Y-%m-%d"), "commit": _commit(), "machine": platform.processor()
-            or platform.machine(), "cpus": os.cpu_count()}
     for i, name in enumerate(a.rows or list(ROWS)):
+        # each row's run imports the checkout as it is when the row starts: its commit then
+        head = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "machine": cpu_name(),
+                "cpus": os.cpu_count()}
         row = {**head, **run_row(name, ROWS[name], Path(a.runs), a.engine, before=i == 0)}
         with open(out, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")

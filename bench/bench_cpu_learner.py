@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import time
 
 import torch
+
+from harness import cpu_name
 
 
 def demo_batch(tok, n_prompts: int = 8, n: int = 8, resp_tokens: int = 32):
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
                               "tokens_per_s": round(st["train_tokens"] / secs, 1),
                               "loss": st["loss"]}), flush=True)
     flags = sorted(cpu_flags() & set(BF16_CPU_FLAGS))
-    print(json.dumps({"machine": platform.processor() or platform.machine(),
+    print(json.dumps({"machine": cpu_name(),
                       "threads": torch.get_num_threads(), "bf16_flags": flags,
                       "tokens_per_step": tokens * a.epochs, **{
                           f"{k}_median_s": round(statistics.median(v), 2) for k, v in times.items()},
