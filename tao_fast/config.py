@@ -221,7 +221,7 @@ class RLConfig:
     parallel: str = "auto"
 
     def __post_init__(self):
-        from tao_fast.rl.algorithms import ALGORITHMS, LOSS_AGGS
+        from tao_fast.rl.algorithms import ALGORITHMS, LOSS_AGGS, resolve
 
         _one_of(self.algorithm, tuple(ALGORITHMS), "rl.algorithm")
         loss = ALGORITHMS[self.algorithm].loss
@@ -257,8 +257,8 @@ class RLConfig:
         _check(self.sft_top_k >= 1, "rl.sft_top_k", f"must be >= 1, got {self.sft_top_k}")
         _check(self.sft_top_k == 1 or loss == "sft", "rl.sft_top_k",
                f"chooses bon-sft's candidates; {self.algorithm} trains on every one")
-        overlong = ALGORITHMS[self.algorithm].overlong if self.overlong == "auto" else self.overlong
-        _check(not self.overlong_cache or overlong == "penalty", "rl.overlong_cache",
+        _check(not self.overlong_cache or resolve(self, 1).overlong == "penalty",
+               "rl.overlong_cache",
                "sets the overlong penalty's window: it needs rl.overlong=penalty")
         _check(self.micro_batch_tokens >= 16, "rl.micro_batch_tokens", "must be >= 16")
         _check(self.warmup_steps >= 0, "rl.warmup_steps", "must be >= 0")

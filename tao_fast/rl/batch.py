@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from tao_fast.rl.advantages import (best_of_group, group_advantages, length_adjusted,
                                     overlong_penalty)
 from tao_fast.rl.algorithms import Resolved
+from tao_fast.rl.trainer import samples_from_rollouts
 from tao_fast.rollout import Rollouts
 from tao_fast.scoring.base import ScoreResult
 
@@ -47,8 +48,6 @@ def build_samples(algo: Resolved, rl, rollouts: Rollouts, rewards: list[list[flo
     """The step's samples and its metrics: overlong_frac (candidates cut at max_tokens),
     and where they apply overlong_filtered, overlong_penalty_mean, sft_chosen_reward_mean.
     rl is the RLConfig (length_penalty, sft_top_k, std_normalize via algo)."""
-    from tao_fast.rl.trainer import samples_from_rollouts
-
     lengths = [[len(t) for t in g] for g in rollouts.token_ids]  # [P][N]
     cut = [[f == "length" for f in g] for g in rollouts.finish_reasons]  # [P][N]
     flat_cut = [c for g in cut for c in g]

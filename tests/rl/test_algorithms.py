@@ -200,3 +200,16 @@ def test_settings_that_would_change_nothing_are_refused():
             RLConfig(algorithm=algorithm, kl_coef=0.1)
     with pytest.raises(ConfigError, match="rl.sft_top_k"):
         RLConfig(algorithm="grpo", sft_top_k=2)
+
+
+def test_overlong_cache_sets_the_penalty_window():
+    with pytest.raises(ConfigError, match="rl.overlong_cache"):
+        RLConfig(overlong_cache=5)  # grpo: no penalty, the window would change nothing
+    ro = _rollouts([[3, 10, 4]], finish=[["stop", "length", "stop"]])
+    for cache, penalty in ((2, -1 / 3), (5, -1 / 3), (8, -(1.0 + 0.125 + 0.25) / 3)):
+        # window (10 - cache, 10]: lengths 3 and 4 are penalised only once it reaches them,
+        # by (10 - cache - len) / cache
+        cfg = RLConfig(algorithm="dapo", overlong_cache=cache)
+        b = build_samples(resolve(cfg, 10), cfg, ro, [[1.0, 1.0, 0.0]], 10)
+        assert b.metrics["overlong_penalty_mean"] == pytest.approx(penalty)
+    assert RLConfig(overlong="penalty", overlong_cache=5).overlong_cache == 5
