@@ -5,6 +5,7 @@
     python bench/algorithms.py                       # every row below
     python bench/algorithms.py grpo dapo bon-sft     # some rows
     python bench/algorithms.py --out bench/out/algorithms.jsonl --engine torch
+    python bench/algorithms.py dr-grpo --set rollout.dtype=bfloat16   # on top of every row
 
 Each finished row is appended to --out at once (a killed table keeps its rows): held-out greedy
 accuracy after tuning on the demo's 200 held-out prompts with its 95% Wilson interval, mean
@@ -35,18 +36,26 @@ ROWS = {  # name -> overrides on top of the demo's settings
     "grpo-epochs4": ["rl.algorithm=grpo", "rl.epochs=4"],
     "grpo-token-mean": ["rl.algorithm=grpo", "rl.loss_agg=token-mean"],
     "grpo-shorter": ["rl.algorithm=grpo", "rl.length_penalty=0.5"],
+    # TAO's form: candidates under a richer prompt, trained and evaluated on the plain one
+    "tao-structured": ["rl.algorithm=grpo", "rollout.strategy=plain+structured",
+                       "rollout.train_prompt=plain"],
+    "tao-fewshot": ["rl.algorithm=grpo", "rollout.strategy=plain+fewshot",
+                    "rollout.train_prompt=plain",
+                    "rollout.fewshot_file=bench/fewshot_arithmetic.jsonl"],
 }
 
 
-def run_row(name: str, overrides: list[str], runs: Path, engine: str, before: bool) -> dict:
+def run_row(name: str, overrides: list[str], runs: Path, engine: str, before: bool,
+            common: list[str]) -> dict:
     out = runs / name
     cmd = [sys.executable, "-m", "tao_fast.cli", "demo", "--out", str(out),
            f"rollout.engine={engine}", f"eval.before={'true' if before else 'false'}",
-           "eval.samples=0", "run.progress=false", *overrides]  # greedy accuracy only
+           "eval.samples=0", "run.progress=false", *common, *overrides]  # greedy accuracy only
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    row = {"name": name, "overrides": overrides, "rc": proc.returncode, "wall_s": round(wall, 1),
+    row = {"name": name, "overrides": overrides, "set": common, "rc": proc.returncode,
+           "wall_s": round(wall, 1),
            "command": "tao-fast demo --out " + str(out) + " " + " ".join(cmd[6:])}
     if proc.returncode != 0:
         row["error"] = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
@@ -66,6 +75,7 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| row | settings | held-out accuracy after (95% CI) | tokens/answer | reward step 1 -> 15 "
              "| wall time | training time |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        r = {**r, "overrides": [*r.get("set", []), *r["overrides"]]}
         if r.get("rc"):
             lines.append(f"| {r['name']} | `{' '.join(r['overrides'])}` | failed: {r['error']} "
                          "| | | | |")
@@ -88,6 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", default="runs/algorithms", help="where the runs' directories go")
     ap.add_argument("--engine", default="torch", help="rollout.engine (default torch: the "
                     "engine of the README's first command, which does not install vLLM)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting for every row, before the row's own (repeatable)")
     ap.add_argument("--markdown", action="store_true", help="print the table of --out, run nothing")
     a = ap.parse_args(argv)
     out = Path(a.out)
@@ -102,7 +114,8 @@ def main(argv=None) -> int:
         # each row's run imports the checkout as it is when the row starts: its commit then
         head = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "machine": cpu_name(),
                 "cpus": os.cpu_count()}
-        row = {**head, **run_row(name, ROWS[name], Path(a.runs), a.engine, before=i == 0)}
+        row = {**head, **run_row(name, ROWS[name], Path(a.runs), a.engine, before=i == 0,
+                                 common=a.set)}
         with open(out, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)

@@ -19,7 +19,6 @@ DEMO = {
     # carry no signal; at 0.7 about half do (measured in the first demo runs).
     "rollout.temperature": 0.7,
     "rollout.max_tokens": 32,
-    "rollout.dtype": "bfloat16",  # sampler copy in bf16: ~2x faster CPU matmuls than fp32
     "eval.max_tokens": 32,
     "eval.scorer": "arithmetic",  # held-out accuracy is the verifier's, whatever trains
     "rl.prompts_per_step": 8,
@@ -322,7 +321,8 @@ def _add_eval(sub) -> None:
     e.add_argument("--temperature", type=float,
                    help="rollout.temperature of sampled answers; 0 or absent = greedy")
     e.add_argument("--strategy",
-                   help=f"rollout.strategy: plain, cot, structured, or several joined with '+' "
+                   help=f"rollout.strategy: plain, cot, structured, fewshot (with "
+                   f"rollout.fewshot_file=FILE), or several joined with '+' "
                    f"(default {dflt.rollout.strategy}); with rollout.train_prompt=plain the "
                    f"plain prompt is answered, as a model tuned that way is asked")
     e.add_argument("--seed", type=int, help=f"run.seed: sampling and the builtin task's split "

@@ -30,7 +30,7 @@ def _one_of(value, choices, key):
 
 WEIGHT_DTYPES = ("float32", "bfloat16")  # model.dtype and rollout.dtype
 # rollout.strategy's names: the keys of tao_fast.data.prompts.STRATEGY_SUFFIX
-STRATEGIES = ("plain", "cot", "structured")
+STRATEGIES = ("plain", "cot", "structured", "fewshot")
 
 
 def check_sampling(n: int, temperature: float, top_p: float, max_tokens: int,
@@ -76,6 +76,9 @@ class DataConfig:
     words: float = 0.0  # builtin task: fraction of questions written in words
     system_prompt: str = ""  # "" = the chat template's default
     replay_frac: float = 0.25  # share of a round's prompts replayed from earlier rounds
+    # the record key naming a prompt's task (e.g. "task": "sql" beside "prompt"): the held-out
+    # evaluation and the summary break their figures down by it where records carry it
+    task_field: str = "task"
 
     def __post_init__(self):
         _check(self.n_train >= 1, "data.n_train", f"must be >= 1, got {self.n_train}")
@@ -103,7 +106,12 @@ class RolloutConfig:
     # the prompt the learner trains on and the held-out evaluation answers: strategy (the
     # strategy's prompt) | plain (the user's own prompt: the tuned model needs no suffix)
     train_prompt: str = "strategy"
-    dtype: str = "float32"  # sampler weights; bfloat16 halves CPU matmul time
+    # the fewshot strategy's examples: JSONL, {"prompt": ..., "response": ...} a line (1-16),
+    # put before every prompt it generates for; needed by it and by nothing else
+    fewshot_file: str = ""
+    # sampler weights: auto = bfloat16 on a CPU with native bf16 matmuls (AMX / AVX512-BF16),
+    # else model.dtype (the learner's tensors, shared: no copy) | float32 | bfloat16
+    dtype: str = "auto"
     max_batch_rows: int = 256  # torch engine: sequences decoded together
     # vLLM engine (rollout.engine=vllm, or auto with vLLM installed):
     gpu_memory_utilization: float = 0.5  # share of GPU memory for vLLM's weights + KV cache
@@ -131,7 +139,7 @@ class RolloutConfig:
                "tensors cannot share: use rollout.weight_sync=reload (or auto)")
         check_sampling(self.n, self.temperature, self.top_p, self.max_tokens, "rollout.")
         self._check_strategy()
-        _one_of(self.dtype, WEIGHT_DTYPES, "rollout.dtype")
+        _one_of(self.dtype, ("auto", *WEIGHT_DTYPES), "rollout.dtype")
         _check(self.max_batch_rows >= 1, "rollout.max_batch_rows", "must be >= 1")
 
     def _check_strategy(self) -> None:
@@ -147,6 +155,9 @@ class RolloutConfig:
                f"prompt: needs rollout.train_prompt=plain")
         _check(self.n >= k, "rollout.n", f"must be >= {k}, the strategies in "
                f"rollout.strategy={self.strategy!r} (one candidate each at least), got {self.n}")
+        _check(("fewshot" in names) == bool(self.fewshot_file), "rollout.fewshot_file",
+               "is what the fewshot strategy needs, and only it: set both or neither "
+               f"(rollout.strategy={self.strategy!r}, fewshot_file={self.fewshot_file!r})")
 
     @property
     def strategies(self) -> tuple[str, ...]:

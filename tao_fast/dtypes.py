@@ -50,3 +50,20 @@ def learner_autocast(setting: str, device: torch.device, flags: set[str] | None 
         return torch.bfloat16
     flags = cpu_flags() if flags is None else flags
     return torch.bfloat16 if flags & set(BF16_CPU_FLAGS) else None
+
+
+def sampler_dtype(setting: str, model_dtype: torch.dtype, device: torch.device,
+                  flags: set[str] | None = None) -> torch.dtype:
+    """rollout.dtype -> the sampler's weight dtype. auto: bfloat16 on a CPU with native bf16
+    matmuls (BF16_CPU_FLAGS), else the learner's own dtype (model.dtype; on the CPU without
+    them a bf16 matmul ran 4-5x slower than fp32, bench/RESULTS.md); a name: that dtype."""
+    if setting != "auto":
+        return torch_dtype(setting)
+    if device.type == "cpu" and (cpu_flags() if flags is None else flags) & set(BF16_CPU_FLAGS):
+        return torch.bfloat16
+    return model_dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16' (the names of DTYPES)."""
+    return next(k for k, v in DTYPES.items() if v == dtype)

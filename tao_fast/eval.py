@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tao_fast.config import TaoConfig
-from tao_fast.data.prompts import PromptRecord, encode_prompt
+from tao_fast.data.prompts import PromptRecord, encode_prompt, read_fewshot
 from tao_fast.fileio import atomic_write_text
 from tao_fast.rollout import SamplingParams, check_records_fit
 
@@ -37,6 +37,9 @@ class EvalResult:
     mode: str = "greedy"  # greedy | sampled (pass@1 at `temperature`) | best_of_n
     samples: int = 1  # responses per prompt
     temperature: float = 0.0
+    # per task (data.task_field; records without it under NO_TASK), where any record has one:
+    # {task: {n, accuracy, ci_low, ci_high, mean_score, mean_response_tokens}}
+    by_task: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         how = {"greedy": "greedy", "sampled": f"pass@1 at T={self.temperature:g}",
@@ -112,13 +115,15 @@ def evaluate(model, prompts, scorer, cfg: TaoConfig | None = None, *, sampled: b
     recs = _as_records(prompts)
     if not recs:
         raise ValueError("evaluate() needs at least one prompt")
-    ids = [encode_prompt(r, tokenizer, cfg.rollout.prompt_strategy, cfg.data.system_prompt)
-           for r in recs]
+    fewshot = read_fewshot(cfg.rollout.fewshot_file)
+    ids = [encode_prompt(r, tokenizer, cfg.rollout.prompt_strategy, cfg.data.system_prompt,
+                         fewshot) for r in recs]
     check_records_fit(recs, ids, sampling.max_tokens, engine.max_context, "eval.max_tokens")
     texts, lens, res = _answer_and_score(engine, scorer, select, recs, ids, sampling, progress)
     mode = "greedy" if not sampled else "best_of_n" if select is not None and sampling.n > 1 \
         else "sampled"
-    return _result(recs, texts, lens, res, mode, sampling, time.perf_counter() - t0)
+    return _result(recs, texts, lens, res, mode, sampling, time.perf_counter() - t0,
+                   cfg.data.task_field)
 
 
 def _answer_and_score(engine, scorer, select, recs, ids, sampling, progress):
@@ -140,18 +145,41 @@ def _answer_and_score(engine, scorer, select, recs, ids, sampling, progress):
     return texts, lens, scorer.score(recs, texts)
 
 
-def _result(recs, texts, lens, res, mode, sampling, seconds) -> EvalResult:
-    per_prompt = [sum(r) / len(r) for r in res.rewards]
-    acc_pp = [sum(x >= 1.0 for x in r) / len(r) for r in res.rewards]
-    accuracy = sum(acc_pp) / len(acc_pp)
-    lo, hi = wilson_interval(round(accuracy * len(recs)), len(recs))
+NO_TASK = "(no task)"
+
+
+def _figures(acc_pp, score_pp, lens) -> dict:
+    """n, accuracy (Wilson 95% CI over prompts), mean score and tokens per response of some
+    prompts: per-prompt accuracies and scores [P], response lengths [P][k]."""
+    n, accuracy = len(acc_pp), sum(acc_pp) / len(acc_pp)
+    lo, hi = wilson_interval(round(accuracy * n), n)
+    return {"n": n, "accuracy": accuracy, "ci_low": lo, "ci_high": hi,
+            "mean_score": sum(score_pp) / n,
+            "mean_response_tokens": sum(map(sum, lens)) / sum(map(len, lens))}
+
+
+def by_task(recs, acc_pp, score_pp, lens, task_field: str) -> dict:
+    """_figures per task (the records' task_field; NO_TASK for those without), or {} when no
+    record names a task."""
+    tasks = [r.meta.get(task_field) for r in recs]
+    if all(t is None for t in tasks):
+        return {}
+    keys = [NO_TASK if t is None else str(t) for t in tasks]
+    out = {}
+    for key in sorted(set(keys)):
+        idx = [i for i, k in enumerate(keys) if k == key]
+        out[key] = _figures([acc_pp[i] for i in idx], [score_pp[i] for i in idx],
+                            [lens[i] for i in idx])
+    return out
+
+
+def _result(recs, texts, lens, res, mode, sampling, seconds, task_field="task") -> EvalResult:
+    per_prompt = [sum(r) / len(r) for r in res.rewards]  # [P]
+    acc_pp = [sum(x >= 1.0 for x in r) / len(r) for r in res.rewards]  # [P]
     records = [{"prompt": r.text, "response": t[0], "score": s[0],
                 **({"samples": len(t), "accuracy": a} if len(t) > 1 else {}),
                 **(res.details[i][0] if res.details else {})}
                for i, (r, t, s, a) in enumerate(zip(recs, texts, res.rewards, acc_pp))]
-    n_resp = sum(map(len, lens))
-    return EvalResult(n=len(recs), mean_score=sum(per_prompt) / len(per_prompt),
-                      accuracy=accuracy, ci_low=lo, ci_high=hi,
-                      mean_response_tokens=sum(map(sum, lens)) / n_resp,
-                      seconds=seconds, records=records, mode=mode,
-                      samples=sampling.n, temperature=sampling.temperature)
+    return EvalResult(**_figures(acc_pp, per_prompt, lens), seconds=seconds, records=records,
+                      mode=mode, samples=sampling.n, temperature=sampling.temperature,
+                      by_task=by_task(recs, acc_pp, per_prompt, lens, task_field))

@@ -55,7 +55,7 @@ def best_of_n(cfg: TaoConfig, ns: list[int], out: Path) -> dict:
     path = out / "best_of_n.json"
     if path.exists():
         return json.loads(path.read_text())
-    from tao_fast.data.prompts import encode_prompt
+    from tao_fast.data.prompts import encode_prompt, read_fewshot
     from tao_fast.data.sources import load_prompts
     from tao_fast.eval import wilson_interval
     from tao_fast.models import load_model
@@ -69,7 +69,8 @@ def best_of_n(cfg: TaoConfig, ns: list[int], out: Path) -> dict:
     engine = build_engine(cfg.rollout, model.requires_grad_(False), tok, model_dir=model_dir,
                           seed=cfg.run.seed)
     # the prompt the tuned models are evaluated on (plain with rollout.train_prompt=plain)
-    ids = [encode_prompt(r, tok, cfg.rollout.prompt_strategy, cfg.data.system_prompt)
+    fewshot = read_fewshot(cfg.rollout.fewshot_file)
+    ids = [encode_prompt(r, tok, cfg.rollout.prompt_strategy, cfg.data.system_prompt, fewshot)
            for r in held]
     ro = engine.generate(ids, SamplingParams(n=max(ns), temperature=cfg.rollout.temperature,
                                              top_p=cfg.rollout.top_p,

@@ -19,7 +19,36 @@ def _eval_fields(res) -> dict | None:
     if res is None:
         return None
     return {k: getattr(res, k) for k in ("n", "accuracy", "ci_low", "ci_high", "mean_score",
-                                         "mean_response_tokens")}
+                                         "mean_response_tokens", "by_task")}
+
+
+def task_lines(before, after) -> list[str]:
+    """The per-task table (data.task_field) of a run's held-out results, and its worst task's
+    change: what tuning on a mix cost the task it helped least. [] without tasks."""
+    tasks = sorted(set(before.by_task if before else {}) | set(after.by_task if after else {}))
+    if not tasks:
+        return []
+
+    def cell(res, t):
+        f = res.by_task.get(t) if res else None
+        return "" if f is None else (f"{100 * f['accuracy']:.1f}% ({100 * f['ci_low']:.1f}-"
+                                     f"{100 * f['ci_high']:.1f}), score {f['mean_score']:.3f}")
+
+    lines = ["", "| task | n | held-out before (95% CI) | after (95% CI) | change | "
+             "tokens/answer after |", "| --- | --- | --- | --- | --- | --- |"]
+    changes = {}
+    for t in tasks:
+        b = before.by_task.get(t) if before else None
+        a = after.by_task.get(t) if after else None
+        if a and b:
+            changes[t] = 100 * (a["accuracy"] - b["accuracy"])
+        lines.append(f"| {t} | {(a or b)['n']} | {cell(before, t)} | {cell(after, t)} | "
+                     + (f"{changes[t]:+.1f} points" if t in changes else "") + " | "
+                     + (f"{a['mean_response_tokens']:.1f}" if a else "") + " |")
+    if changes:
+        worst = min(changes, key=changes.get)
+        lines += ["", f"- worst task: {worst} ({changes[worst]:+.1f} points)"]
+    return lines
 
 
 def write_summary(res, cfg: TaoConfig) -> str:
@@ -45,6 +74,7 @@ def write_summary(res, cfg: TaoConfig) -> str:
     if res.eval_before is not None and res.eval_after is not None:
         gain = 100 * (res.eval_after.accuracy - res.eval_before.accuracy)
         lines.append(f"- change: {gain:+.1f} points")
+    lines += task_lines(res.eval_before, res.eval_after)
     text = "\n".join(lines) + "\n"
     atomic_write_text(res.run_dir / "summary.md", text)
     return text

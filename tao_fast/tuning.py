@@ -32,10 +32,10 @@ from tqdm.auto import tqdm
 
 from tao_fast.checkpoint import save_checkpoint
 from tao_fast.config import ConfigError, ResumeError, TaoConfig, load_config, save_config
-from tao_fast.data.prompts import encode_prompt
+from tao_fast.data.prompts import encode_prompt, read_fewshot
 from tao_fast.data.rounds import plan_round, pool_from_manifest, prompt_id, read_manifest
 from tao_fast.data.sources import load_prompts
-from tao_fast.dtypes import torch_dtype
+from tao_fast.dtypes import dtype_name, sampler_dtype, torch_dtype
 from tao_fast.eval import EvalResult, evaluate
 from tao_fast.fileio import atomic_write_lines
 from tao_fast.profiling.memory import PeakMemory
@@ -138,6 +138,7 @@ class TaoRecipe:
         """The run directory (writable), the process group under torchrun, the CPU threads and
         the seed."""
         check_writable(self.run_dir)
+        self.fewshot = read_fewshot(self.cfg.rollout.fewshot_file)  # a bad file fails here
         dist_.init(self.cfg.run.dist_timeout_s, self.run_dir)
         strategy = self.cfg.rollout.strategy
         if dist_.active() and len(self.cfg.rollout.strategies) > 1:
@@ -175,9 +176,11 @@ class TaoRecipe:
 
         cfg = self.cfg
         self.model, self.tokenizer, self.model_dir = load_model(cfg.model)
+        w = self.model.embed_tokens.weight  # rollout.dtype=auto: by the CPU, else the model's
+        self.sampler_dtype = sampler_dtype(cfg.rollout.dtype, w.dtype, w.device)
         self.learner = Learner(self.model, cfg.rl, cfg.rollout.temperature,
                                cfg.model.ops_backend, progress=self.progress,
-                               replica_dtype=torch_dtype(cfg.rollout.dtype),
+                               replica_dtype=self.sampler_dtype,
                                max_response_tokens=cfg.rollout.max_tokens,
                                autocast=cfg.model.autocast)
 
@@ -222,7 +225,8 @@ class TaoRecipe:
         if learner.parallel == "fsdp":
             log("[tao-fast] FSDP2: rollout weights " + (
                 "gathered from the shards into vLLM's TP shards (no whole-weight replica)"
-                if tp_engine else f"from a whole-weight {cfg.rollout.dtype} replica per rank"))
+                if tp_engine else f"from a whole-weight {dtype_name(self.sampler_dtype)} replica "
+                f"per rank"))
         if self.engine.lockstep:
             self._refuse_policy_judge_under_dp()
         self.train_ids: dict[str, PromptVariants] = {}  # every prompt fits, before any compute
@@ -301,7 +305,8 @@ class TaoRecipe:
         """Token ids of the records' prompts (chat template, `strategy`), each checked to
         leave room for max_tokens in the engine's context: an over-long prompt is an error
         naming it before any generation."""
-        ids = [encode_prompt(r, self.tokenizer, strategy, self.cfg.data.system_prompt)
+        ids = [encode_prompt(r, self.tokenizer, strategy, self.cfg.data.system_prompt,
+                             self.fewshot)
                for r in tqdm(records, desc="encode", unit="prompt", leave=False,
                              disable=not self.progress or len(records) < 2000)]
         check_records_fit(records, ids, max_tokens, self.engine.max_context, key)

@@ -27,6 +27,19 @@ except ImportError:
     pass
 
 
+@pytest.fixture(autouse=True)
+def cpu_without_native_bf16(monkeypatch):
+    """The suite sees a CPU without native bf16 matmuls wherever it runs, so model.autocast=auto
+    and rollout.dtype=auto resolve alike on every CI machine (fp32 learner, the sampler on the
+    learner's tensors); the tests of that choice pass the flags they mean explicitly. A
+    subprocess (torchrun, the CLI) reads the machine's own /proc/cpuinfo."""
+    import tao_fast.dtypes
+
+    parse = tao_fast.dtypes.cpu_flags  # the real one (monkeypatch restores it after each test)
+    monkeypatch.setattr(tao_fast.dtypes, "cpu_flags",
+                        lambda cpuinfo=None: set() if cpuinfo is None else parse(cpuinfo))
+
+
 @pytest.fixture(scope="session")
 def embedded():
     """(model, tokenizer, model_dir) of the embedded SmolLM2-135M-Instruct, fp32, loaded once.

@@ -282,3 +282,82 @@ def test_scale_follows_the_eval_prompt_and_refuses_n_below_the_strategies(tmp_pa
     best_of_n(cfg, [1, 2], tmp_path)
     tok = load_model(str(tiny_model))[1]
     assert train and {tuple(p) for p in asked[0]} == _ids(tok, held, "plain")
+
+
+# ------------------------------------------------------------------ the fewshot strategy
+def _fewshot_file(path, pairs):
+    path.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in pairs))
+    return path
+
+
+def test_fewshot_examples_go_before_the_prompt_after_the_system_message(tmp_path, tiny_model):
+    from tao_fast.data.prompts import read_fewshot
+    from tao_fast.models import load_model
+
+    tok = load_model(str(tiny_model))[1]
+    f = _fewshot_file(tmp_path / "shots.jsonl", [("What is 1 + 1?", "2"), ("What is 2 + 5?", "7")])
+    turns = read_fewshot(f)
+    assert [m["role"] for m in turns] == ["user", "assistant"] * 2
+    rec = PromptRecord([{"role": "user", "content": "What is 3 + 4?"}])
+    want = tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, *turns,
+         {"role": "user", "content": "What is 3 + 4?"}], tokenize=False,
+        add_generation_prompt=True)
+    got = encode_prompt(rec, tok, "fewshot", "Be brief.", turns)
+    assert got == tok(want, add_special_tokens=False)["input_ids"]
+    assert encode_prompt(rec, tok, "plain", "Be brief.", turns) == \
+        encode_prompt(rec, tok, "plain", "Be brief.")  # the examples belong to fewshot alone
+    with pytest.raises(ValueError, match="fewshot strategy needs example turns"):
+        encode_prompt(rec, tok, "fewshot")
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"prompt": "q"}'], r"shots\.jsonl:1: an example is one user message and its assistant"),
+    (['{"prompt": "q", "response": "a"}', "{oops"], r"shots\.jsonl:2: not a UTF-8 JSON line"),
+    (['{"messages": [{"role": "user", "content": "q"}]}'], r"shots\.jsonl:1: an example is"),
+    (['{"text": "q"}'], r"shots\.jsonl:1: an example needs 'prompt' and 'response'"),
+    ([""], r"needs 1 to 16 examples, has 0"),
+    (['{"prompt": "q", "response": "a"}'] * 17, r"needs 1 to 16 examples, has 17"),
+])
+def test_a_bad_fewshot_file_names_its_line(tmp_path, lines, message):
+    from tao_fast.data.prompts import PromptFileError, read_fewshot
+
+    (tmp_path / "shots.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(PromptFileError, match=message):
+        read_fewshot(tmp_path / "shots.jsonl")
+
+
+def test_fewshot_file_and_strategy_come_together():
+    with pytest.raises(ConfigError, match=r"rollout\.fewshot_file: is what the fewshot strategy"):
+        load_config(overrides=["rollout.strategy=fewshot"])
+    with pytest.raises(ConfigError, match=r"rollout\.fewshot_file: is what the fewshot strategy"):
+        load_config(overrides=["rollout.fewshot_file=shots.jsonl"])  # would change nothing
+    cfg = load_config(overrides=["rollout.strategy=plain+fewshot", "rollout.train_prompt=plain",
+                                 "rollout.fewshot_file=shots.jsonl"])
+    assert cfg.rollout.strategies == ("plain", "fewshot")
+
+
+def test_a_missing_fewshot_file_fails_before_the_model_loads(tmp_path, monkeypatch):
+    import tao_fast.models
+
+    monkeypatch.setattr(tao_fast.models, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    cfg = load_config(overrides=["rollout.strategy=fewshot", f"rollout.fewshot_file="
+                                 f"{tmp_path / 'none.jsonl'}", f"run.output_dir={tmp_path / 'r'}"])
+    with pytest.raises(FileNotFoundError, match="rollout.fewshot_file .*none.jsonl does not"):
+        tao_fast.tune(cfg)
+
+
+def test_fewshot_candidates_train_the_plain_prompt(tmp_path, monkeypatch, tiny_model):
+    shots = _fewshot_file(tmp_path / "shots.jsonl", [("Say something about dogs.", "Dogs bark.")])
+    seen, tok, train, held = _tune(tmp_path, monkeypatch, tiny_model, "fewshot", [
+        "rollout.strategy=plain+fewshot", "rollout.train_prompt=plain",
+        f"rollout.fewshot_file={shots}"])
+    from tao_fast.data.prompts import read_fewshot
+
+    turns = read_fewshot(shots)
+    plain = _ids(tok, train, "plain")
+    fewshot = {tuple(encode_prompt(r, tok, "fewshot", "", turns)) for r in train}
+    asked = [{tuple(p) for p in prompts} for prompts, _ in seen["train"]]
+    assert asked[0] <= plain and asked[1] <= fewshot  # strategy 1's share under the examples
+    assert {tuple(s.ids[:s.prompt_len]) for s in seen["samples"]} <= plain
+    assert {tuple(p) for prompts, _ in seen["eval"] for p in prompts} == _ids(tok, held, "plain")

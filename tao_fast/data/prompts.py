@@ -107,20 +107,77 @@ def read_jsonl(path) -> list[PromptRecord]:
 
 
 # How the prompt asks for the answer (rollout.strategy names one or several of these, as
-# config.STRATEGIES lists them); appended to the last user message.
+# config.STRATEGIES lists them); appended to the last user message. fewshot adds no suffix:
+# example exchanges (rollout.fewshot_file, read_fewshot) go before the record's messages.
 STRATEGY_SUFFIX = {
     "plain": "",
     "cot": "\nThink step by step, then give the final answer on the last line.",
     "structured": "\nReply with the final answer on its own line, as: Answer: <answer>",
+    "fewshot": "",
 }
+MAX_FEWSHOT = 16  # examples in rollout.fewshot_file: each one lengthens every prompt
+
+
+def read_fewshot(path) -> list[dict]:
+    """rollout.fewshot_file's examples as chat turns [user, assistant, user, assistant, ...].
+    Each line is {"prompt": str, "response": str} or {"messages": [{"role": "user", ...},
+    {"role": "assistant", ...}]} (one user turn, then its answer). '' -> []. A malformed line
+    raises PromptFileError naming file and line."""
+    if not path:
+        return []
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"rollout.fewshot_file {path} does not exist")
+    turns, n = [], 0
+    with open_bytes(Path(path)) as f:
+        for ln, raw in numbered_lines(f, MAX_LINE_BYTES):
+            where = f"{path}:{ln}"
+            if raw is None:
+                raise PromptFileError(f"{where}: line over {MAX_LINE_BYTES:,} bytes")
+            if not raw.strip():
+                continue
+            turns += _fewshot_pair(raw, where)
+            n += 1
+    if not 1 <= n <= MAX_FEWSHOT:
+        raise PromptFileError(f"{path}: rollout.fewshot_file needs 1 to {MAX_FEWSHOT} examples, "
+                              f"has {n}")
+    return turns
+
+
+def _fewshot_pair(raw: bytes, where: str) -> list[dict]:
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise PromptFileError(f"{where}: not a UTF-8 JSON line") from None
+    if isinstance(obj, dict) and "messages" in obj:
+        msgs = obj["messages"]
+    elif isinstance(obj, dict) and "prompt" in obj:
+        msgs = [{"role": "user", "content": obj["prompt"]},
+                {"role": "assistant", "content": obj.get("response")}]
+    else:
+        raise PromptFileError(f"{where}: an example needs 'prompt' and 'response', or "
+                              f"'messages'")
+    if not (isinstance(msgs, list) and len(msgs) == 2 and all(isinstance(m, dict) for m in msgs)
+            and [m.get("role") for m in msgs] == ["user", "assistant"]
+            and all(isinstance(m.get("content"), str) and m["content"].strip() for m in msgs)):
+        raise PromptFileError(f"{where}: an example is one user message and its assistant "
+                              f"answer, both non-empty strings")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
 def encode_prompt(rec: PromptRecord, tokenizer, strategy: str = "plain",
-                  system_prompt: str = "") -> list[int]:
-    """Chat-template the record (with the strategy's instruction) into prompt token ids."""
+                  system_prompt: str = "", fewshot: list[dict] = ()) -> list[int]:
+    """Chat-template the record (with the strategy's instruction) into prompt token ids.
+    fewshot: example turns (read_fewshot) put after the system message and before the
+    record's messages, under the fewshot strategy only."""
     msgs = [dict(m) for m in rec.messages]
     if system_prompt and msgs[0]["role"] != "system":
         msgs.insert(0, {"role": "system", "content": system_prompt})
+    if strategy == "fewshot":
+        if not fewshot:
+            raise ValueError("encode_prompt: the fewshot strategy needs example turns "
+                             "(rollout.fewshot_file)")
+        at = int(msgs[0]["role"] == "system")
+        msgs[at:at] = [dict(m) for m in fewshot]
     suffix = STRATEGY_SUFFIX[strategy]
     if suffix:
         last = max(i for i, m in enumerate(msgs) if m["role"] == "user")

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from tao_fast.config import ConfigError, RolloutConfig
-from tao_fast.dtypes import torch_dtype
+from tao_fast.dtypes import sampler_dtype
 from tao_fast.rollout.protocol import Engine
 from tao_fast.rollout.torch_engine import TorchEngine
 from tao_fast.rollout.vllm import compat
@@ -48,7 +48,8 @@ def build_engine(ro: RolloutConfig, model, tokenizer, *, model_dir: str | Path,
 
 def _sampler(ro: RolloutConfig, model):
     """The model itself when rollout.dtype is its dtype, else a frozen copy in rollout.dtype."""
-    dtype = torch_dtype(ro.dtype)
-    if dtype == model.embed_tokens.weight.dtype:
+    w = model.embed_tokens.weight
+    dtype = sampler_dtype(ro.dtype, w.dtype, w.device)
+    if dtype == w.dtype:
         return model
     return copy.deepcopy(model).to(dtype).requires_grad_(False)

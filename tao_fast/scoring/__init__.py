@@ -11,6 +11,7 @@ A spec is a string shorthand or a mapping with a `type` and that scorer's option
     {"type": "reward_model", "path": "dir"}                   sequence-classification model
     {"type": "judge", "mode": "pointwise"}                    LLM judge over an Engine
     {"type": "mix", "parts": [{"scorer": ..., "weight": 1, "gate": false}, ...]}
+    {"type": "route", "field": "task", "routes": {"sql": ..., "math": ...}, "default": ...}
 
 Every scorer scores a whole batch at once. A candidate whose scoring fails gets the failure
 value and an "error" in its details; `ScoreResult.failures` counts them per scorer name so

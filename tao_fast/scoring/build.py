@@ -23,6 +23,7 @@ SCORER_TYPES: dict[str, tuple[str, str]] = {
     "code": ("code_exec", "CodeExecScorer"), "sql": ("sql_exec", "SqlExecScorer"),
     "reward_model": ("reward_model", "RewardModelScorer"),
     "judge": ("judge", "JudgeScorer"), "mix": ("mix", "MixScorer"),
+    "route": ("route", "RouteScorer"),
 }
 
 # Options every scorer may take from the context when its constructor names them.

@@ -3,7 +3,12 @@
 Spec: "python:module:function" (module importable from the working directory or sys.path) or
 "python:path/to/file.py:function". The function is called as `f(prompt, candidates)` with the
 prompt's last user message (str) and the group's responses (list[str]) and returns one float per
-candidate. If the function raises on a prompt, that prompt's candidates get `failure_value` and
+candidate. With `{type: python, spec: "python:...", record: true}` it is called as
+`f(record, candidates)` with the whole prompt record: a dict of the prompt line's fields
+("messages", every other key of the line: a test list, a database, a rubric, a task tag) and
+"prompt", the last user message. Either form may return, per candidate, a float or a dict
+{"reward": float, ...}: the dict's other keys are that candidate's details (in eval_*.json
+and the report). If the function raises on a prompt, that prompt's candidates get `failure_value` and
 the error is kept in their details; if the whole call dies (timeout, memory, a crash), every
 candidate of the batch does. The user's code is never imported into the trainer's process.
 
@@ -55,14 +60,15 @@ def source_dirs(target: str, cwd: str) -> list[str]:
 
 
 class PythonFunctionScorer(Scorer):
-    def __init__(self, spec: str, *, failure_value: float = 0.0, timeout_s: float = 60.0,
-                 memory_mb: int = 2048):
+    def __init__(self, spec: str, *, record: bool = False, failure_value: float = 0.0,
+                 timeout_s: float = 60.0, memory_mb: int = 2048):
         parts = spec.split(":")
         if len(parts) != 3 or parts[0] != "python" or not parts[1] or not parts[2]:
             raise ValueError(f"scorer {spec!r}: expected 'python:module:function' or "
                              f"'python:path/to/file.py:function'")
         self.name = spec
         self.target, self.func = parts[1], parts[2]
+        self.record = bool(record)  # f(record dict, candidates) instead of f(prompt text, ...)
         self.failure_value = failure_value
         self.timeout_s, self.memory_mb = timeout_s, memory_mb
         self._run({"check": True})  # import it once, in the sandbox, before any generation
@@ -90,7 +96,7 @@ class PythonFunctionScorer(Scorer):
 
     def score(self, prompts, candidates) -> ScoreResult:
         try:
-            out = self._run({"items": [{"prompt": p.text, "candidates": list(c)}
+            out = self._run({"items": [{"prompt": self._arg(p), "candidates": list(c)}
                                        for p, c in zip(prompts, candidates)]})
         except (RuntimeError, ValueError) as e:
             return failed_batch(self.name, candidates, self.failure_value, str(e))
@@ -102,5 +108,12 @@ class PythonFunctionScorer(Scorer):
                 details.append([{"error": res["error"]} for _ in group])
             else:
                 rewards.append(res["rewards"])
-                details.append([{} for _ in group])
+                details.append(res.get("details") or [{} for _ in group])
         return ScoreResult(rewards, details, {self.name: failures} if failures else {})
+
+    def _arg(self, rec):
+        """What the function gets as its first argument: the prompt's text, or (record=True)
+        the record's fields as a dict."""
+        if not self.record:
+            return rec.text
+        return {**rec.meta, "messages": [dict(m) for m in rec.messages], "prompt": rec.text}

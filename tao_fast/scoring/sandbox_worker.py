@@ -4,8 +4,9 @@ the user's function and call it on every item of the batch.
 `call_user` is a sandbox worker: its source alone is sent to the child, so it imports only the
 standard library, inside its body. Payload: {"target", "func", "cwd", "path", "check"?: true,
 "items"?: [{"prompt", "candidates"}]}. It emits one reply: {"ok": true} for a check,
-{"results": [{"rewards": [...]} | {"error": "..."}]} for items, or {"fatal": "..."} when the
-function cannot be loaded.
+{"results": [{"rewards": [...], "details"?: [{...}]} | {"error": "..."}]} for items (details
+where the function returned {"reward": x, ...} dicts), or {"fatal": "..."} when the function
+cannot be loaded.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ def call_user(payload, emit):
     to payload["cwd"]) with cwd as the working directory, and emit the reply."""
     import importlib
     import importlib.util
+    import json
     import math
     import os
     import sys
@@ -43,14 +45,26 @@ def call_user(payload, emit):
             raise ImportError(f"{target} has no callable {func!r}")
         return fn
 
+    def reward_of(x):  # a float, or {"reward": float, ...details}
+        if isinstance(x, dict):
+            if "reward" not in x:
+                raise ValueError(f"returned a dict without 'reward': {sorted(x)}")
+            return float(x["reward"]), {k: v for k, v in x.items() if k != "reward"}
+        return float(x), None
+
     def call(fn, item):
-        r = [float(x) for x in fn(item["prompt"], item["candidates"])]
+        out = [reward_of(x) for x in fn(item["prompt"], item["candidates"])]
+        r = [x[0] for x in out]
         if len(r) != len(item["candidates"]):
             raise ValueError(f"returned {len(r)} rewards for {len(item['candidates'])} "
                              f"candidates")
         if not all(math.isfinite(x) for x in r):
             raise ValueError(f"returned a non-finite reward: {r}")
-        return {"rewards": r}
+        if all(d is None for _, d in out):
+            return {"rewards": r}
+        details = [d or {} for _, d in out]
+        json.dumps(details)  # details must travel as JSON: a TypeError fails this prompt
+        return {"rewards": r, "details": details}
 
     try:
         fn = load(payload["target"], payload["func"])

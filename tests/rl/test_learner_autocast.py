@@ -1,10 +1,13 @@
-"""model.autocast: which CPUs get bf16 autocast by default, and that the setting changes the
-learner's arithmetic (bf16 matmuls, fp32 master weights) within bf16's error."""
+"""model.autocast and rollout.dtype=auto: which CPUs get bf16 by default; that the autocast
+setting changes the learner's arithmetic (bf16 matmuls, fp32 master weights) within bf16's
+error, and the sampler's dtype what the torch engine runs."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from tao_fast.config import ConfigError, RLConfig, load_config
-from tao_fast.dtypes import cpu_flags, learner_autocast
+from tao_fast.dtypes import cpu_flags, learner_autocast, sampler_dtype
 from tao_fast.models.config import ModelArgs
 from tao_fast.models.llama import Transformer
 from tao_fast.rl.trainer import Learner, Sample
@@ -25,6 +28,36 @@ def test_auto_follows_the_cpus_bf16_support():
         learner_autocast("bfloat16", torch.device("meta"), set())
     with pytest.raises(ConfigError, match="model.autocast: must be one of"):
         load_config(overrides=["model.autocast=fp8"])
+
+
+def test_sampler_dtype_auto_follows_the_cpu_and_else_the_learner():
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert sampler_dtype("auto", torch.float32, cpu, cpu_flags(XEON_AVX512)) is torch.float32
+    assert sampler_dtype("auto", torch.float32, cpu, cpu_flags(SAPPHIRE)) is torch.bfloat16
+    assert sampler_dtype("auto", torch.bfloat16, meta, cpu_flags(SAPPHIRE)) is torch.bfloat16
+    assert sampler_dtype("auto", torch.float32, meta, cpu_flags(SAPPHIRE)) is torch.float32
+    assert sampler_dtype("bfloat16", torch.float32, cpu, set()) is torch.bfloat16
+    assert sampler_dtype("float32", torch.float32, cpu, cpu_flags(SAPPHIRE)) is torch.float32
+    assert load_config().rollout.dtype == "auto"
+    with pytest.raises(ConfigError, match="rollout.dtype: must be one of"):
+        load_config(overrides=["rollout.dtype=fp8"])
+
+
+def test_the_torch_engine_samples_in_the_dtype_auto_picks(monkeypatch):
+    """rollout.dtype=auto: on a CPU without native bf16 the engine samples on the learner's own
+    tensors; on one with it, from a bf16 copy."""
+    import tao_fast.dtypes
+    from tao_fast.config import RolloutConfig
+    from tao_fast.rollout.build import build_engine
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                  num_layers=1, num_heads=2, num_kv_heads=1))
+    ro, tok = RolloutConfig(engine="torch"), SimpleNamespace(eos_token_id=None)  # no text here
+    assert build_engine(ro, model, tok, model_dir="", seed=0).model is model
+    monkeypatch.setattr(tao_fast.dtypes, "cpu_flags", lambda cpuinfo=None: cpu_flags(SAPPHIRE))
+    copy = build_engine(ro, model, tok, model_dir="", seed=0).model
+    assert copy is not model and copy.embed_tokens.weight.dtype == torch.bfloat16
 
 
 def _learner(autocast):

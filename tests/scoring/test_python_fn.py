@@ -81,6 +81,20 @@ def fork_and_hold(prompt, candidates):  # needs the audit hook off: os.fork is r
 def whoami(prompt, candidates):
     return [float(os.getuid()) for _ in candidates]
 
+def by_record(record, candidates):  # record=true: the whole prompt line
+    want = record["answers"][record["task"]]
+    return [{"reward": float(c == want), "why": f"{record['task']}: wanted {want}",
+             "turns": len(record["messages"])} for c in candidates]
+
+def half_details(prompt, candidates):
+    return [1.0, {"reward": 0.5, "note": "partial"}][:len(candidates)]
+
+def tagged(prompt, candidates):
+    return [{"reward": 0.25, "tag": f"seen {prompt}"} for _ in candidates]
+
+def bad_details(prompt, candidates):
+    return [{"score": 1.0} for _ in candidates]
+
 def read_own_file(prompt, candidates):
     with open("data/answer.txt") as f:  # relative to the trainer's working directory
         return [float(c == f.read().strip()) for c in candidates]
@@ -221,3 +235,30 @@ def test_user_scorer_reads_its_own_files(user_file):
     (user_file / "data" / "answer.txt").write_text("42\n")
     res = build_scorer("python:my_scorers:read_own_file").score(recs("q"), [["42", "41"]])
     assert res.rewards == [[1.0, 0.0]]
+
+
+def test_record_form_reads_every_field_and_details_come_back(user_file):
+    rec = PromptRecord([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
+                       {"task": "math", "answers": {"math": "4", "sql": "x"}})
+    s = build_scorer({"type": "python", "spec": "python:my_scorers:by_record", "record": True})
+    res = s.score([rec], [["4", "5"]])
+    assert res.rewards == [[1.0, 0.0]] and res.num_failures == 0
+    assert res.details == [[{"why": "math: wanted 4", "turns": 2}] * 2]
+    res = build_scorer("python:my_scorers:half_details").score(recs("a"), [["x", "y"]])
+    assert res.rewards == [[1.0, 0.5]] and res.details == [[{}, {"note": "partial"}]]
+    res = build_scorer("python:my_scorers:bad_details").score(recs("a"), [["x"]])
+    assert res.num_failures == 1 and "without 'reward'" in res.details[0][0]["error"]
+
+
+def test_the_two_argument_form_still_gets_the_text(user_file):
+    """Without record: true the function gets the last user message, as before."""
+    s = build_scorer("python:my_scorers:by_record")
+    res = s.score(recs("q"), [["4"]])  # a str has no ["answers"]: the prompt's error
+    assert res.num_failures == 1 and "TypeError" in res.details[0][0]["error"]
+
+
+def test_details_reach_the_eval_records(user_file, tiny_model):
+    from tao_fast.eval import evaluate
+
+    ev = evaluate(str(tiny_model), recs("a"), build_scorer("python:my_scorers:tagged"))
+    assert ev.records[0]["score"] == 0.25 and ev.records[0]["tag"] == "seen a"

@@ -255,6 +255,8 @@ PROTOCOL_SPECS = {
     "judge": ({"type": "judge"}, True),
     "mix": ({"type": "mix", "parts": [{"scorer": "json", "gate": True},
                                       {"scorer": {"type": "judge"}}]}, True),
+    "route": ({"type": "route", "field": "task", "routes": {"chat": {"type": "judge"}},
+               "default": "json"}, True),
 }
 
 

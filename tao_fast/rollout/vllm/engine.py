@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from tao_fast.config import ConfigError, RolloutConfig
-from tao_fast.dtypes import torch_dtype
+from tao_fast.dtypes import dtype_name, sampler_dtype
 from tao_fast.models.config import SUPPORTED_ARCHS
 from tao_fast.profiling.memory import PeakMemory
 from tao_fast.rl import distributed as dist_
@@ -64,9 +64,9 @@ class VllmEngine(Engine):
 
         self.vllm_version = vllm.__version__
         self.tokenizer, self.learner, self.args = tokenizer, learner, learner.args
-        self.dtype = torch_dtype(ro.dtype)
         self.on_cpu = current_platform.is_cpu()
         self.device = torch.device("cpu") if self.on_cpu else dist_.device()
+        self.dtype = sampler_dtype(ro.dtype, learner.embed_tokens.weight.dtype, self.device)
         world = dist_.world_size() if dist_.active() else 1
         _check_world(world, ro.tensor_parallel)
         self.tensor_parallel = ro.tensor_parallel
@@ -114,7 +114,7 @@ class VllmEngine(Engine):
         # rollout.enforce_eager=auto: eager on CPU (compiling costs ~100 s at start); on a GPU
         # CUDA graphs pay
         eager = self.on_cpu if ro.enforce_eager == "auto" else ro.enforce_eager
-        kwargs = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=ro.dtype, seed=seed,
+        kwargs = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype_name(self.dtype), seed=seed,
                       enforce_eager=bool(eager), logprobs_mode="processed_logprobs",
                       gpu_memory_utilization=ro.gpu_memory_utilization,
                       enable_prefix_caching=True, enable_sleep_mode=sleep_mode)
