@@ -223,6 +223,19 @@ def cpu_has_native_bf16() -> bool:
     return bool(cpu_flags() & set(BF16_CPU_FLAGS))  # tao-fast's model.autocast=auto rule
 
 
+def interleave(workers: tuple, steps: int) -> dict:
+    """steps steps of each worker, one each in turn, who goes first alternating (A B, B A,
+    ...) -> {name: [step reports]}."""
+    out = {w.name: [] for w in workers}
+    for i in range(steps):
+        for w in (workers if i % 2 == 0 else workers[::-1]):
+            rep, wall = w.step()
+            out[w.name].append({**rep, "driver_seconds": round(wall, 2)})
+            print(f"step {i + 1} {w.name}: {rep['seconds']:.1f} s, reward {rep['reward']:.3f}",
+                  flush=True)
+    return out
+
+
 def run_ab(a) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from harness import cpu_name, git_commit
@@ -231,27 +244,25 @@ def run_ab(a) -> dict:
     runs.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     prompts = runs / f"prompts-{stamp}.jsonl"
-    tao = Worker("tao-fast", [sys.executable, __file__, "--role", "tao", "--steps", str(a.steps),
-                              "--run-dir", str(runs / f"tao-{stamp}"),
-                              "--prompts-out", str(prompts)])
-    ready = tao.read()
-    bf16 = cpu_has_native_bf16()
-    trl = Worker("trl", [str(TRL_ENV / "bin" / "python"), __file__, "--role", "trl",
-                         "--steps", str(a.steps), "--run-dir", str(runs / f"trl-{stamp}"),
-                         "--prompts", str(prompts), "--model-dir", ready["model_dir"],
-                         *(["--bf16"] if bf16 else [])])
-    trl_info = trl.read()
-    steps = {"tao-fast": [], "trl": []}
-    for i in range(a.steps):
-        order = (tao, trl) if i % 2 == 0 else (trl, tao)  # A B, B A, ...
-        for w in order:
-            rep, wall = w.step()
-            steps[w.name].append({**rep, "driver_seconds": round(wall, 2)})
-            print(f"step {i + 1} {w.name}: {rep['seconds']:.1f} s, reward {rep['reward']:.3f}",
-                  flush=True)
-    done = {w.name: w.step()[0] for w in (tao, trl)}
-    for w in (tao, trl):
-        w.proc.wait()
+    workers, finished = [], False
+    try:  # a worker that dies takes the other down with it
+        workers.append(Worker("tao-fast", [
+            sys.executable, __file__, "--role", "tao", "--steps", str(a.steps),
+            "--run-dir", str(runs / f"tao-{stamp}"), "--prompts-out", str(prompts)]))
+        ready = workers[0].read()
+        workers.append(Worker("trl", [
+            str(TRL_ENV / "bin" / "python"), __file__, "--role", "trl", "--steps", str(a.steps),
+            "--run-dir", str(runs / f"trl-{stamp}"), "--prompts", str(prompts),
+            "--model-dir", ready["model_dir"], *(["--bf16"] if cpu_has_native_bf16() else [])]))
+        trl_info = workers[1].read()
+        steps = interleave(tuple(workers), a.steps)
+        done = {w.name: w.step()[0] for w in workers}  # checkpoints, peak RSS
+        finished = True
+    finally:
+        for w in workers:
+            if not finished:
+                w.proc.kill()
+            w.proc.wait()
     row = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "machine": cpu_name(),
            "cpus": os.cpu_count(), "steps": a.steps, "trl": trl_info,
            "command": "python bench/peer_trl.py " + " ".join(sys.argv[1:])}
@@ -262,7 +273,8 @@ def run_ab(a) -> dict:
                      "peak_rss_mb": done[name]["peak_rss_mb"],
                      "held_out": evaluate(done[name]["checkpoint"],
                                           runs / f"eval-{name}-{stamp}.json")}
-    row["speedup"] = round(row["trl"]["total_step_seconds"] / row["tao-fast"]["total_step_seconds"], 2)
+    row["speedup"] = round(row["trl"]["total_step_seconds"]
+                           / row["tao-fast"]["total_step_seconds"], 2)
     return row
 
 
