@@ -19,6 +19,7 @@ import yaml
 
 from tao_fast.config import ConfigError
 from tao_fast.fileio import atomic_write_text
+from tao_fast.summary import task_lines
 
 PHASES = (("gen_seconds", "generation"), ("score_seconds", "scoring"),
           ("train_seconds", "training"), ("sync_seconds", "weight sync"))
@@ -255,6 +256,28 @@ def plot_time_split(run: dict, path: Path) -> bool:
     return True
 
 
+def heldout_lines(evals: dict) -> list[str]:
+    """The held-out table (one row per evaluation), the change, and the per-task table."""
+    points = eval_points(evals)
+    if not points:
+        return []
+    lines = ["## Held-out evaluation", "",
+             "| when | greedy accuracy (95% CI) | sampled pass@1 (95% CI) | mean score | "
+             "output tokens / response |", "| --- | --- | --- | --- | --- |"]
+    for p in points:
+        e, s = evals[p], evals.get(p + "_sampled")
+        lines.append(f"| {p} | {_pct(e)} | {_pct(s)} | {e['mean_score']:.3f} | "
+                     f"{e['mean_response_tokens']:.1f} |")
+    b, a = evals.get("before"), evals.get("after")
+    if b and a:
+        lines += ["", f"Change in greedy accuracy: {100 * (a['accuracy'] - b['accuracy']):+.1f}"
+                  f" points (n={a['n']}); output tokens per response "
+                  f"{b['mean_response_tokens']:.1f} -> {a['mean_response_tokens']:.1f} "
+                  f"(same model size: inference cost changes only with length)."]
+    lines += task_lines((b or {}).get("by_task"), (a or evals[points[-1]]).get("by_task"))
+    return lines + [""]
+
+
 def render(run: dict, plots: dict[str, bool]) -> str:
     cfg, ms, evals = run["config"], run["metrics"], run["evals"]
     c = {k: cfg.get(k, {}) for k in ("model", "data", "rollout", "rl", "scoring", "run")}
@@ -265,22 +288,7 @@ def render(run: dict, plots: dict[str, bool]) -> str:
              f"{c['rollout'].get('n', '?')} candidates (temperature "
              f"{c['rollout'].get('temperature', '?')}), algorithm {c['rl'].get('algorithm', '?')},"
              f" lr {c['rl'].get('lr', '?')}", ""]
-    points = eval_points(evals)
-    if points:
-        lines += ["## Held-out evaluation", "",
-                  "| when | greedy accuracy (95% CI) | sampled pass@1 (95% CI) | mean score | "
-                  "output tokens / response |", "| --- | --- | --- | --- | --- |"]
-        for p in points:
-            e, s = evals[p], evals.get(p + "_sampled")
-            lines.append(f"| {p} | {_pct(e)} | {_pct(s)} | {e['mean_score']:.3f} | "
-                         f"{e['mean_response_tokens']:.1f} |")
-        if "before" in evals and "after" in evals:
-            b, a = evals["before"], evals["after"]
-            lines += ["", f"Change in greedy accuracy: {100 * (a['accuracy'] - b['accuracy']):+.1f}"
-                      f" points (n={a['n']}); output tokens per response "
-                      f"{b['mean_response_tokens']:.1f} -> {a['mean_response_tokens']:.1f} "
-                      f"(same model size: inference cost changes only with length)."]
-        lines.append("")
+    lines += heldout_lines(evals)
     if plots.get("heldout"):
         lines += ["![held-out accuracy](report/heldout.png)", ""]
     if ms:

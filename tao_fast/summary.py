@@ -22,15 +22,16 @@ def _eval_fields(res) -> dict | None:
                                          "mean_response_tokens", "by_task")}
 
 
-def task_lines(before, after) -> list[str]:
-    """The per-task table (data.task_field) of a run's held-out results, and its worst task's
-    change: what tuning on a mix cost the task it helped least. [] without tasks."""
-    tasks = sorted(set(before.by_task if before else {}) | set(after.by_task if after else {}))
+def task_lines(before: dict | None, after: dict | None) -> list[str]:
+    """The per-task table of a run's held-out results (EvalResult.by_task before and after)
+    and its worst task's change: what tuning on a mix cost the task it helped least. [] when
+    no record names a task."""
+    before, after = before or {}, after or {}
+    tasks = sorted(set(before) | set(after))
     if not tasks:
         return []
 
-    def cell(res, t):
-        f = res.by_task.get(t) if res else None
+    def cell(f):
         return "" if f is None else (f"{100 * f['accuracy']:.1f}% ({100 * f['ci_low']:.1f}-"
                                      f"{100 * f['ci_high']:.1f}), score {f['mean_score']:.3f}")
 
@@ -38,11 +39,10 @@ def task_lines(before, after) -> list[str]:
              "tokens/answer after |", "| --- | --- | --- | --- | --- | --- |"]
     changes = {}
     for t in tasks:
-        b = before.by_task.get(t) if before else None
-        a = after.by_task.get(t) if after else None
+        b, a = before.get(t), after.get(t)
         if a and b:
             changes[t] = 100 * (a["accuracy"] - b["accuracy"])
-        lines.append(f"| {t} | {(a or b)['n']} | {cell(before, t)} | {cell(after, t)} | "
+        lines.append(f"| {t} | {(a or b)['n']} | {cell(b)} | {cell(a)} | "
                      + (f"{changes[t]:+.1f} points" if t in changes else "") + " | "
                      + (f"{a['mean_response_tokens']:.1f}" if a else "") + " |")
     if changes:
@@ -74,7 +74,8 @@ def write_summary(res, cfg: TaoConfig) -> str:
     if res.eval_before is not None and res.eval_after is not None:
         gain = 100 * (res.eval_after.accuracy - res.eval_before.accuracy)
         lines.append(f"- change: {gain:+.1f} points")
-    lines += task_lines(res.eval_before, res.eval_after)
+    lines += task_lines(res.eval_before and res.eval_before.by_task,
+                        res.eval_after and res.eval_after.by_task)
     text = "\n".join(lines) + "\n"
     atomic_write_text(res.run_dir / "summary.md", text)
     return text

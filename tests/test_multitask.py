@@ -28,17 +28,16 @@ def test_by_task_splits_the_figures_by_hand():
 
 
 def test_task_lines_give_each_tasks_change_and_the_worst():
-    class R:  # the two EvalResult fields task_lines reads
-        def __init__(self, **accs):
-            self.by_task = {t: {"n": 10, "accuracy": a, "ci_low": a - 0.1, "ci_high": a + 0.1,
-                                "mean_score": a, "mean_response_tokens": 5.0}
-                            for t, a in accs.items()}
+    def by(**accs):  # EvalResult.by_task
+        return {t: {"n": 10, "accuracy": a, "ci_low": a - 0.1, "ci_high": a + 0.1,
+                    "mean_score": a, "mean_response_tokens": 5.0} for t, a in accs.items()}
 
-    lines = task_lines(R(math=0.2, sql=0.5), R(math=0.6, sql=0.4))
+    lines = task_lines(by(math=0.2, sql=0.5), by(math=0.6, sql=0.4))
     assert "| math | 10 | 20.0% (10.0-30.0), score 0.200 | 60.0% (50.0-70.0), score 0.600 | " \
            "+40.0 points | 5.0 |" in lines
     assert lines[-1] == "- worst task: sql (-10.0 points)"
-    assert task_lines(R(), R()) == []
+    assert task_lines({}, None) == []
+    assert task_lines(None, by(chat=0.5))[-1].startswith("| chat | 10 |  | 50.0%")
 
 
 def test_a_two_task_tune_routes_scores_and_reports_per_task(tmp_path, tiny_model):
@@ -64,4 +63,8 @@ def test_a_two_task_tune_routes_scores_and_reports_per_task(tmp_path, tiny_model
     assert saved["by_task"] == res.eval_after.by_task
     summary = (tmp_path / "run" / "summary.md").read_text()
     assert "| task | n | held-out before (95% CI) |" in summary and "- worst task: " in summary
+    from tao_fast.report import report
+
+    text = report(tmp_path / "run").read_text()
+    assert "| chat | 1 | " in text and "- worst task: " in text
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["after"]["by_task"]
