@@ -2,7 +2,6 @@
 past its limit never stops the next, and the rows it wrote before that survive; the default
 limits fit the 9-minute device run; a real dry run through device_run.sh writes at most 8
 files with the run's metadata and tables."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,19 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from bench_modules import load
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench"
 
 
 def _suite():
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("gpu_suite", BENCH / "gpu_suite.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load("gpu_suite")
 
 
 FAKE = """

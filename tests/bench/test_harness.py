@@ -1,28 +1,13 @@
 """bench/harness.py: the CPU timer, peak memory after the previous run is freed, rows written
 the moment they are measured, error isolation, run metadata."""
-import importlib.util
 import json
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from bench_modules import load
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _load(name):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-harness = _load("harness")
+harness = load("harness")
 
 
 def test_cpu_timer_is_the_median_and_fills_its_budget():
@@ -147,7 +132,7 @@ def test_run_meta_names_device_versions_date_commit_command(monkeypatch, tmp_pat
 def test_smoke_judge_fails_a_wrong_or_unwritten_output():
     """The smoke check's verdict: within 2x plain torch's error passes; an output that is off,
     or that has an element the kernel never wrote (NaN poison), fails."""
-    smoke = _load("gpu_smoke")
+    smoke = load("gpu_smoke")
     g = torch.Generator().manual_seed(0)
     ref = torch.randn(1000, generator=g, dtype=torch.float64)
     plain = ref + 1e-3 * torch.randn(1000, generator=g, dtype=torch.float64)

@@ -1,28 +1,14 @@
 """bench/algorithms.py and bench/peer_trl.py: every row's settings are a valid config on top of
 the demo's (a typo fails here, not ten minutes into a table), and each row changes the run."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from bench_modules import BENCH, load
 
 from tao_fast.cli import DEMO
 from tao_fast.config import load_config
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _load(name):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-algorithms = _load("algorithms")
+algorithms = load("algorithms")
 
 
 @pytest.mark.parametrize("name", list(algorithms.ROWS))
@@ -37,7 +23,7 @@ def test_every_algorithms_row_is_a_demo_config_that_differs(name, monkeypatch):
 
 
 def test_peer_trl_matches_the_demo_budget_and_renders_its_row():
-    peer = _load("peer_trl")
+    peer = load("peer_trl")
     assert (peer.PROMPTS, peer.CANDIDATES, peer.TEMPERATURE, peer.MAX_TOKENS, peer.LR) == (
         DEMO["rl.prompts_per_step"], DEMO["rollout.n"], DEMO["rollout.temperature"],
         DEMO["rollout.max_tokens"], DEMO["rl.lr"])
