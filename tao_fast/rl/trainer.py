@@ -139,7 +139,8 @@ class Learner:
         """logp [T] (and entropy [T] with entropy=True) of targets under the model, 0 where a
         position has no target. The output projection runs on the target positions alone:
         the prompt's positions predict nothing the loss uses (about half a demo batch's
-        tokens, and the [V, H] projection is ~21% of the 135M model's FLOPs per token)."""
+        tokens, and the [V, H] projection is ~21% of the 135M model's FLOPs per token; on the
+        2-core CPU the step time did not change beyond its noise, bench/RESULTS.md)."""
         dev = model.embed_tokens.weight.device
         with torch.autocast(dev.type, dtype=self.autocast, enabled=self.autocast is not None):
             hidden = model(batch.input_ids, batch.positions, batch.cu_seqlens, batch.max_seqlen)

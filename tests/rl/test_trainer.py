@@ -63,3 +63,37 @@ def test_step_statistics(embedded):
     assert st["ratio_mean"] == pytest.approx(1.0) and st["clip_frac"] == 0.0  # on-policy step
     assert st["kl"] == pytest.approx(0.0, abs=1e-9)  # the reference is the starting policy
     assert 0.0 <= st["sampler_ratio_outside"] <= 1.0 and st["sampler_logprob_abs_diff"] > 0
+
+
+def test_logprobs_skip_the_positions_without_a_target_and_change_nothing():
+    """The output projection runs on the target positions only: log-probs and entropies there
+    equal the whole-batch computation's (float64), and are 0 elsewhere."""
+    from tao_fast import ops
+    from tao_fast.kernels.reference import IGNORE_INDEX
+    from tao_fast.models.config import ModelArgs
+    from tao_fast.models.llama import Transformer
+    from tao_fast.rl.packing import make_packed_batch
+    from tao_fast.rl.trainer import make_targets
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(vocab_size=97, hidden_size=32, intermediate_size=64,
+                                  num_layers=2, num_heads=4, num_kv_heads=2)).double()
+    model.ops_backend = "torch"
+    learner = Learner(model, RLConfig(), temperature=0.7, ops_backend="torch")
+    seqs = [[5, 6, 7, 8, 9], [1, 2, 3], [4, 4, 4, 4, 4, 4, 4]]
+    per = [[IGNORE_INDEX, 7, 8, 9, IGNORE_INDEX], [IGNORE_INDEX, 3, IGNORE_INDEX],
+           [IGNORE_INDEX] * 4 + [4, 4, IGNORE_INDEX]]
+    batch = make_packed_batch(seqs)
+    targets = make_targets(per, batch, "cpu")
+    assert targets.keep.tolist() == [1, 2, 3, 6, 12, 13]
+    lp, ent = learner._logprobs(model, batch, targets, entropy=True)  # [T], [T]
+    hidden = model(batch.input_ids, batch.positions, batch.cu_seqlens, batch.max_seqlen)
+    want_lp, want_ent = ops.linear_logprob(hidden, model.output_weight, targets.all,
+                                           temperature=0.7, return_entropy=True,
+                                           backend="torch")
+    mask = targets.all != IGNORE_INDEX
+    torch.testing.assert_close(lp[mask], want_lp[mask], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent[mask], want_ent[mask], rtol=1e-12, atol=1e-12)
+    assert lp.shape == ent.shape == (15,) and not lp[~mask].any() and not ent[~mask].any()
+    lp.sum().backward()  # the gradient reaches the model through the selected rows
+    assert model.output_weight.grad is not None and model.output_weight.grad.abs().sum() > 0
