@@ -8,9 +8,10 @@ candidate. With `{type: python, spec: "python:...", record: true}` it is called 
 ("messages", every other key of the line: a test list, a database, a rubric, a task tag) and
 "prompt", the last user message. Either form may return, per candidate, a float or a dict
 {"reward": float, ...}: the dict's other keys are that candidate's details (in eval_*.json
-and the report). If the function raises on a prompt, that prompt's candidates get `failure_value` and
-the error is kept in their details; if the whole call dies (timeout, memory, a crash), every
-candidate of the batch does. The user's code is never imported into the trainer's process.
+and the report). If the function raises on a prompt, that prompt's candidates get
+`failure_value` and the error is kept in their details; if the whole call dies (timeout,
+memory, a crash), every candidate of the batch does. The user's code is never imported into
+the trainer's process.
 
 Each call (the import check at construction, then one per batch) is a fresh child of
 tao_fast/scoring/sandbox.py with every layer it has (its docstring says what each covers):

@@ -114,7 +114,8 @@ class VllmEngine(Engine):
         # rollout.enforce_eager=auto: eager on CPU (compiling costs ~100 s at start); on a GPU
         # CUDA graphs pay
         eager = self.on_cpu if ro.enforce_eager == "auto" else ro.enforce_eager
-        kwargs = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype_name(self.dtype), seed=seed,
+        kwargs = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype_name(self.dtype),
+                      seed=seed,
                       enforce_eager=bool(eager), logprobs_mode="processed_logprobs",
                       gpu_memory_utilization=ro.gpu_memory_utilization,
                       enable_prefix_caching=True, enable_sleep_mode=sleep_mode)
