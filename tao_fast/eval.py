@@ -173,7 +173,7 @@ def by_task(recs, acc_pp, score_pp, lens, task_field: str) -> dict:
     return out
 
 
-def _result(recs, texts, lens, res, mode, sampling, seconds, task_field="task") -> EvalResult:
+def _result(recs, texts, lens, res, mode, sampling, seconds, task_field: str) -> EvalResult:
     per_prompt = [sum(r) / len(r) for r in res.rewards]  # [P]
     acc_pp = [sum(x >= 1.0 for x in r) / len(r) for r in res.rewards]  # [P]
     records = [{"prompt": r.text, "response": t[0], "score": s[0],

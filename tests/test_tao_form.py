@@ -313,7 +313,7 @@ def test_fewshot_examples_go_before_the_prompt_after_the_system_message(tmp_path
 
 @pytest.mark.parametrize("lines, message", [
     (['{"prompt": "q"}'], r"shots\.jsonl:1: an example is one user message and its assistant"),
-    (['{"prompt": "q", "response": "a"}', "{oops"], r"shots\.jsonl:2: not a UTF-8 JSON line"),
+    (['{"prompt": "q", "response": "a"}', "{oops"], r"shots\.jsonl:2: invalid JSON \("),
     (['{"messages": [{"role": "user", "content": "q"}]}'], r"shots\.jsonl:1: an example is"),
     (['{"text": "q"}'], r"shots\.jsonl:1: an example needs 'prompt' and 'response'"),
     ([""], r"needs 1 to 16 examples, has 0"),

@@ -79,8 +79,9 @@ def read_records(path) -> list[PromptRecord]:
     return [r for r in out if r is not None]
 
 
-def _line_record(raw: bytes | None, where: str) -> PromptRecord | None:
-    """One line's record; None for a blank line."""
+def _line_object(raw: bytes | None, where: str):
+    """One JSONL line's JSON value; None for a blank line. A line over MAX_LINE_BYTES, not
+    UTF-8 or not JSON raises PromptFileError naming `where` (file:line)."""
     if raw is None:
         raise PromptFileError(f"{where}: line over {MAX_LINE_BYTES:,} bytes")
     try:
@@ -90,12 +91,17 @@ def _line_record(raw: bytes | None, where: str) -> PromptRecord | None:
     if not line.strip():
         return None
     try:
-        obj = json.loads(line)
+        return json.loads(line)
     except json.JSONDecodeError as e:
         raise PromptFileError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
     except RecursionError:
         raise PromptFileError(f"{where}: invalid JSON (nested too deeply)") from None
-    return record_from_obj(obj, where)
+
+
+def _line_record(raw: bytes | None, where: str) -> PromptRecord | None:
+    """One line's record; None for a blank line."""
+    obj = _line_object(raw, where)
+    return None if obj is None else record_from_obj(obj, where)
 
 
 def read_jsonl(path) -> list[PromptRecord]:
@@ -130,24 +136,18 @@ def read_fewshot(path) -> list[dict]:
     turns, n = [], 0
     with open_bytes(Path(path)) as f:
         for ln, raw in numbered_lines(f, MAX_LINE_BYTES):
-            where = f"{path}:{ln}"
-            if raw is None:
-                raise PromptFileError(f"{where}: line over {MAX_LINE_BYTES:,} bytes")
-            if not raw.strip():
-                continue
-            turns += _fewshot_pair(raw, where)
-            n += 1
+            obj = _line_object(raw, f"{path}:{ln}")
+            if obj is not None:
+                turns += _fewshot_pair(obj, f"{path}:{ln}")
+                n += 1
     if not 1 <= n <= MAX_FEWSHOT:
         raise PromptFileError(f"{path}: rollout.fewshot_file needs 1 to {MAX_FEWSHOT} examples, "
                               f"has {n}")
     return turns
 
 
-def _fewshot_pair(raw: bytes, where: str) -> list[dict]:
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise PromptFileError(f"{where}: not a UTF-8 JSON line") from None
+def _fewshot_pair(obj, where: str) -> list[dict]:
+    """One example line's JSON value -> [its user turn, its assistant turn]."""
     if isinstance(obj, dict) and "messages" in obj:
         msgs = obj["messages"]
     elif isinstance(obj, dict) and "prompt" in obj:
