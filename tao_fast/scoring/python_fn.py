@@ -13,14 +13,28 @@ and the report). If the function raises on a prompt, that prompt's candidates ge
 memory, a crash), every candidate of the batch does. The user's code is never imported into
 the trainer's process.
 
-Each call (the import check at construction, then one per batch) is a fresh child of
-tao_fast/scoring/sandbox.py with every layer it has (its docstring says what each covers):
-wall clock (scoring.timeout_s) and CPU time, address space (scoring.memory_mb), file size,
-process and open-file limits; network, pid and mount namespaces where the kernel allows them;
-uid nobody when the trainer is root; the audit hook refusing subprocesses, signals, sockets and
-writes outside the child's work directory. When the call ends the whole process group is
-killed (and, in a pid namespace, everything the function started dies with it); a reply the
-function gave is kept even if something it started still holds the output pipe.
+The function runs in one persistent child of tao_fast/scoring/sandbox.py (a sandbox.Worker)
+per scorer object: the construction-time import check starts it and imports the module, then
+each batch is one request to the same process, so the module is imported once and its
+module-level state (caches, counters, loaded models) survives from batch to batch. A batch that
+does not end cleanly (past scoring.timeout_s, the function exiting or crashing the process,
+an output flood, the memory limit hit: a MemoryError) fails its candidates as above and costs
+the child: its whole process group is killed and the next batch starts a fresh one, which
+imports the module again, with fresh state (so never count on the state being there). The
+error says what happened ("timed out after N s", "worker exited with code 3", "... signal 11
+(SIGSEGV)"). `close()` stops the child; so do garbage collection and interpreter exit.
+
+Every layer of the sandbox holds (its docstring says what each covers): network, pid and mount
+namespaces where the kernel allows them; uid nobody when the trainer is root; the audit hook
+refusing subprocesses, signals, sockets and writes outside the child's work directory; the
+stripped environment. Per batch: the wall clock (scoring.timeout_s; for the first, the start
+and import too) and CPU time (timeout_s + 1 s, re-armed before each batch; the child is
+restarted when its total nears 10 batches' worth). Per child, for its whole life: the address
+space (scoring.memory_mb: the module's state counts too), file size, process and open-file
+limits, and the work directory, which is kept from batch to batch. When a child ends, the
+whole process group is killed (and, in a pid namespace, everything the function started dies
+with it); a reply the function gave is kept even if something it started still holds the
+output pipe.
 
 What the function can still do, and what differs from calling it in the trainer:
 - Read: its module is imported where it lies, with the trainer's working directory as its
@@ -29,7 +43,9 @@ What the function can still do, and what differs from calling it in the trainer:
   the interpreter's), the child keeps CAP_DAC_READ_SEARCH: it can then READ any file on the
   machine, never write one. Reading is NOT sandboxed beyond that.
 - Write: only under its work directory ($TMPDIR and $HOME point there; a tmpfs of 64 MB where
-  the mount namespace is allowed), files of at most 16 MB each. Writes to its cwd are refused.
+  the mount namespace is allowed, else a directory the child is restarted for once it holds
+  over 64 MB), files of at most 16 MB each. It lasts as long as the child. Writes to its cwd
+  are refused.
 - No network (a scorer that calls a web API does not work here), no subprocesses, no signals
   to other processes, no ctypes. The environment is PATH, HOME, TMPDIR, LANG and one BLAS/OpenMP
   thread: the trainer's variables (tokens, keys) are not passed.
@@ -72,28 +88,48 @@ class PythonFunctionScorer(Scorer):
         self.record = bool(record)  # f(record dict, candidates) instead of f(prompt text, ...)
         self.failure_value = failure_value
         self.timeout_s, self.memory_mb = timeout_s, memory_mb
-        self._run({"check": True})  # import it once, in the sandbox, before any generation
+        self._worker = sandbox.Worker(call_user, timeout_s=timeout_s, memory_mb=memory_mb,
+                                      site_packages=True,
+                                      read_dirs=source_dirs(self.target, os.getcwd()))
+        try:  # the worker's first start imports the function, before any generation
+            self._run({"check": True})
+        except BaseException:
+            self._worker.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the sandboxed child now (garbage collection and interpreter exit also do);
+        a later batch would start a fresh one."""
+        self._worker.close()
 
     def _run(self, payload: dict) -> dict:
-        """One sandboxed call of the worker -> its reply; RuntimeError when the call died,
-        ValueError when the function cannot be loaded."""
+        """One call of the persistent worker -> its reply; RuntimeError when the call died
+        (the child is then gone), ValueError when the function cannot be loaded."""
         cwd = os.getcwd()
         payload = {**payload, "target": self.target, "func": self.func, "cwd": cwd,
                    "path": [cwd, *sys.path]}
-        res = sandbox.run(call_user, payload, timeout_s=self.timeout_s, memory_mb=self.memory_mb,
-                          site_packages=True, read_dirs=source_dirs(self.target, cwd))
+        res = self._worker.call(payload)
         reply = next((m for m in res.messages if isinstance(m, dict)
                       and m.keys() & {"ok", "results", "fatal"}), None)
-        if reply is None and res.timed_out:
-            raise RuntimeError(f"{self.name}: timed out after {self.timeout_s:.0f} s")
         if reply is None:
-            tail = " | ".join(res.stderr.strip().splitlines()[-3:])
-            why = res.error or ("output over the sandbox's cap" if res.flooded else tail)
-            raise RuntimeError(f"{self.name}: worker exited with {res.returncode}: "
-                               f"{why or 'no output'}")
+            raise RuntimeError(f"{self.name}: {self._death(res)}")
         if "fatal" in reply:
             raise ValueError(f"{self.name}: {reply['fatal']}")
         return reply
+
+    def _death(self, res: sandbox.SandboxResult) -> str:
+        """Why a call gave no reply, in words."""
+        if res.timed_out:
+            return f"timed out after {self.timeout_s:g} s"
+        if res.flooded:
+            return "worker killed: its output went over the sandbox's cap"
+        if res.error is not None:  # the worker itself raised, or the sandbox did not start
+            return res.error if not res.started else f"worker failed: {res.error}"
+        if not res.done:
+            tail = " | ".join(res.stderr.strip().splitlines()[-3:])
+            return f"worker exited with {sandbox.describe_exit(res.exit_code)}: " \
+                   f"{tail or 'no output'}"
+        return "worker gave no reply"
 
     def score(self, prompts, candidates) -> ScoreResult:
         try:
@@ -110,6 +146,10 @@ class PythonFunctionScorer(Scorer):
             else:
                 rewards.append(res["rewards"])
                 details.append(res.get("details") or [{} for _ in group])
+        if any(r.get("error", "").startswith("MemoryError") for r in out["results"]):
+            # the module's state may be what holds the memory (a cache that grew): in a fresh
+            # child the next batch gets the whole memory_mb again instead of failing the same way
+            self._worker.close()
         return ScoreResult(rewards, details, {self.name: failures} if failures else {})
 
     def _arg(self, rec):

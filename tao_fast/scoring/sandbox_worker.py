@@ -7,13 +7,18 @@ standard library, inside its body. Payload: {"target", "func", "cwd", "path", "c
 {"results": [{"rewards": [...], "details"?: [{...}]} | {"error": "..."}]} for items (details
 where the function returned {"reward": x, ...} dicts), or {"fatal": "..."} when the function
 cannot be loaded.
+
+In a persistent sandbox.Worker it is called again in the same process for every batch: the
+function it loaded is kept on it (`call_user.loaded`), so the user's module is imported once
+per child and its module-level state lives as long as the child does.
 """
 from __future__ import annotations
 
 
 def call_user(payload, emit):
     """Load payload's target:func (a module found on payload["path"], or a .py file relative
-    to payload["cwd"]) with cwd as the working directory, and emit the reply."""
+    to payload["cwd"]) with cwd as the working directory, unless an earlier call in this
+    process loaded it, and emit the reply."""
     import importlib
     import importlib.util
     import json
@@ -66,11 +71,14 @@ def call_user(payload, emit):
         json.dumps(details)  # details must travel as JSON: a TypeError fails this prompt
         return {"rewards": r, "details": details}
 
+    loaded = call_user.__dict__.setdefault("loaded", {})  # kept while the process lives
+    key = (payload["target"], payload["func"])
     try:
-        fn = load(payload["target"], payload["func"])
-    except Exception as e:  # noqa: BLE001 - reported to the parent
+        fn = loaded[key] if key in loaded else load(*key)
+    except Exception as e:  # noqa: BLE001 - reported to the parent; the next call retries
         emit({"fatal": f"cannot load: {type(e).__name__}: {e}"[:2000]})
         return
+    loaded[key] = fn
     if payload.get("check"):
         emit({"ok": True})
         return

@@ -5,7 +5,6 @@ import json
 
 import pytest
 
-import tao_fast
 from tao_fast.config import ConfigError, load_config
 from tao_fast.data import PromptRecord
 from tao_fast.scoring import build_scorer
