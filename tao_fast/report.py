@@ -19,7 +19,7 @@ import yaml
 
 from tao_fast.config import ConfigError
 from tao_fast.fileio import atomic_write_text
-from tao_fast.summary import task_lines
+from tao_fast.summary import scorer_check_lines, task_lines
 
 PHASES = (("gen_seconds", "generation"), ("score_seconds", "scoring"),
           ("train_seconds", "training"), ("sync_seconds", "weight sync"))
@@ -37,6 +37,7 @@ def _plt():
 METRIC_FIELDS = ("reward_mean", "zero_signal_frac", "gen_tokens_per_s")  # every step's line
 EVAL_FIELDS = ("n", "mean_score", "accuracy", "ci_low", "ci_high", "mean_response_tokens")
 MANIFEST_FIELDS = ("round", "n_new", "n_replay")  # and new_files, a list
+PREFLIGHT_FIELDS = ("prompts", "n")  # and verdict (tao_fast/scoring/check.py)
 
 
 def read_run(run_dir) -> dict:
@@ -51,9 +52,12 @@ def read_run(run_dir) -> dict:
              for f in sorted(run_dir.glob("eval_*.json"))}
     manifest = _jsonl(run_dir / "manifest.jsonl", MANIFEST_FIELDS, lists=("new_files",)) \
         if (run_dir / "manifest.jsonl").exists() else []
+    pre = run_dir / "preflight.json"  # the scorer against the labels (eval.preflight)
     return {"dir": run_dir, "metrics": _jsonl(run_dir / "metrics.jsonl", METRIC_FIELDS,
                                               torn_ok=True),
-            "evals": evals, "config": _config(run_dir / "config.yaml"), "manifest": manifest}
+            "evals": evals, "config": _config(run_dir / "config.yaml"), "manifest": manifest,
+            "preflight": _record(str(pre), _json(_text(pre), str(pre)), PREFLIGHT_FIELDS)
+            if pre.exists() else None}
 
 
 def _text(path: Path) -> str:
@@ -189,7 +193,10 @@ def plot_curves(run: dict, path: Path) -> bool:
     smooth = [sum(r[max(0, i - k + 1):i + 1]) / len(r[max(0, i - k + 1):i + 1])
               for i in range(len(r))]
     axes[0].plot(xs, smooth, lw=2, label=f"running mean ({k})")
-    axes[0].set_title("reward per step")
+    probe = [(x, m["probe_accuracy"]) for x, m in zip(xs, ms) if "probe_accuracy" in m]
+    if probe:  # eval.probe: the label scorer on the same candidates
+        axes[0].plot(*zip(*probe), marker="s", ms=3, color="C4", label="labelled probe accuracy")
+    axes[0].set_title("reward per step" + (" and the labelled probe" if probe else ""))
     axes[0].legend(fontsize=7)
     kl = [(x, m["kl"]) for x, m in zip(xs, ms) if "kl" in m]
     if kl:
@@ -323,6 +330,7 @@ def render(run: dict, plots: dict[str, bool]) -> str:
                     fails[key.split("/", 1)[1]] = fails.get(key.split("/", 1)[1], 0) + v
         lines.append("- scoring failures: " + (", ".join(f"{k} {v}" for k, v in fails.items())
                                                if fails else "none"))
+        lines += scorer_check_lines(ms, run["preflight"])
         stat_keys = sorted({k for m in ms for k in m if "/" in k
                             and not k.startswith("score_failures/")})
         for key in stat_keys:

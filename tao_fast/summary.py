@@ -5,6 +5,7 @@ import json
 
 from tao_fast.config import TaoConfig
 from tao_fast.fileio import atomic_write_text
+from tao_fast.scoring.check import probe_divergence
 
 
 def sparkline(values: list[float]) -> str:
@@ -51,6 +52,26 @@ def task_lines(before: dict | None, after: dict | None) -> list[str]:
     return lines
 
 
+def scorer_check_lines(metrics: list[dict], preflight: dict | None) -> list[str]:
+    """What the run says of its scorer against the labels (tao_fast/scoring/check.py): the
+    pre-flight's verdict (preflight.json), the labelled probe's first and last steps, and the
+    flag when the reward rose while the probe did not (probe_divergence). [] when neither."""
+    lines = []
+    if preflight:
+        lines.append(f"- pre-flight ({preflight['prompts']} held-out prompts x "
+                     f"{preflight['n']} candidates): {preflight.get('verdict', '(no verdict)')}")
+    probe = [m["probe_accuracy"] for m in metrics if "probe_accuracy" in m]
+    if probe:
+        k = max(1, len(probe) // 3)
+        lines.append(f"- labelled probe (eval.scorer on the training candidates): first {k} "
+                     f"steps {100 * sum(probe[:k]) / k:.1f}%, last {k} "
+                     f"{100 * sum(probe[-k:]) / k:.1f}%")
+    flag = probe_divergence(metrics)
+    if flag:
+        lines.append(f"- **warning**: {flag}")
+    return lines
+
+
 def write_summary(res, cfg: TaoConfig) -> str:
     """Write res.run_dir/summary.json and summary.md for a TuneResult; returns the markdown."""
     curve = [m["reward_mean"] for m in res.metrics]
@@ -59,6 +80,7 @@ def write_summary(res, cfg: TaoConfig) -> str:
         "scorer": cfg.scoring.scorer, "steps": len(res.metrics), "reward_curve": curve,
         "before": _eval_fields(res.eval_before),
         "after": _eval_fields(res.eval_after),
+        "probe_flag": probe_divergence(res.metrics),  # tao_fast/scoring/check.py
     }
     atomic_write_text(res.run_dir / "summary.json", json.dumps(summary, indent=1))
     lines = [f"# tao-fast run: {res.run_dir}", "",
@@ -74,6 +96,8 @@ def write_summary(res, cfg: TaoConfig) -> str:
     if res.eval_before is not None and res.eval_after is not None:
         gain = 100 * (res.eval_after.accuracy - res.eval_before.accuracy)
         lines.append(f"- change: {gain:+.1f} points")
+    pre = res.run_dir / "preflight.json"
+    lines += scorer_check_lines(res.metrics, json.loads(pre.read_text()) if pre.exists() else None)
     lines += task_lines(res.eval_before and res.eval_before.by_task,
                         res.eval_after and res.eval_after.by_task)
     text = "\n".join(lines) + "\n"
