@@ -23,7 +23,7 @@ import hashlib
 import json
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tao_fast.config import ResumeError
@@ -97,10 +97,12 @@ class RoundPlan:
     new_files: list[dict]  # {path, bytes, sha256} of each file first used by this round
     n_new: int
     n_replay: int
+    mix: list[dict] = field(default_factory=list)  # per source (tao_fast/data/mix.py)
 
     def manifest_line(self) -> dict:
-        return {"round": self.round, "new_files": self.new_files, "n_new": self.n_new,
+        line = {"round": self.round, "new_files": self.new_files, "n_new": self.n_new,
                 "n_replay": self.n_replay, "prompt_ids": [prompt_id(r) for r in self.prompts]}
+        return {**line, "mix": self.mix} if self.mix else line
 
 
 def read_manifest(run_dir: Path) -> list[dict]:
