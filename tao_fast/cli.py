@@ -1,4 +1,5 @@
-"""`tao-fast` command line: demo | tune | eval | report | scale | profile | bench | ingest."""
+"""`tao-fast` command line: demo | tune | eval | check-scorer | report | scale | profile | bench |
+ingest."""
 from __future__ import annotations
 
 import argparse
@@ -27,11 +28,34 @@ DEMO = {
     "run.output_dir": "runs/demo",
 }
 
+
+
+def multitask_demo() -> dict:
+    """The multi-task demo's settings: the demo's, on three builtin tasks at once, each trained
+    and judged by its own scorer (tao_fast/data/tasks.py: a verifier, a format gate with
+    content rules, a label-free vote), each a third of every step's prompts and 64 of the 192
+    held-out ones."""
+    from tao_fast.data.tasks import SCORERS
+
+    def route(role):
+        return {"type": "route", "field": "task",
+                "routes": {task: s[role] for task, s in SCORERS.items()}}
+
+    return {**DEMO, "data.train": [
+        {"source": f"builtin:{task}", "n_train": n, "n_eval": 64}
+        for task, n in (("arithmetic", 512), ("json", 512), ("multiply", 80))],
+        "scoring.scorer": route("train"), "eval.scorer": route("eval"),
+        "rollout.max_tokens": 48, "eval.max_tokens": 48,  # a JSON answer is ~30 tokens
+        "rl.prompts_per_step": 9, "run.output_dir": "runs/demo-multitask"}
+
+
 EPILOG = """examples:
   tao-fast demo                                  # tune the embedded model on arithmetic
+  tao-fast demo --task multitask                 # three tasks at once, each its own scorer
   tao-fast demo --scorer random                  # the control: no gain expected
   tao-fast tune --config tune.yaml rl.lr=1e-5 rollout.n=16
   tao-fast eval --model runs/demo/checkpoint-round1 --prompts builtin:arithmetic
+  tao-fast check-scorer scoring.scorer=consensus eval.scorer=arithmetic   # before tuning on it
 """
 
 
@@ -42,7 +66,7 @@ def _overrides_help():
 
 # what a demo run leaves in its directory: removed when the demo starts over there
 DEMO_OUTPUTS = ("state", "manifest.jsonl", "metrics.jsonl", "checkpoint-round*", "eval_*.json",
-                "summary.json", "summary.md", "report.md", "report")
+                "summary.json", "summary.md", "report.md", "report", "preflight.json")
 
 
 def _start_demo_over(cfg) -> None:
@@ -74,7 +98,13 @@ def cmd_demo(args) -> int:
     from tao_fast.config import load_config
     from tao_fast.tuning import tune
 
-    base = dict(DEMO, **{"scoring.scorer": args.scorer})
+    if args.task == "multitask":
+        if args.scorer != "arithmetic":
+            raise ConfigError("demo --task multitask: its scorers are its tasks' own; "
+                              "--scorer is for the arithmetic demo")
+        base = multitask_demo()
+    else:
+        base = dict(DEMO, **{"scoring.scorer": args.scorer})
     if args.scorer != "arithmetic":
         base["run.output_dir"] = f"runs/demo-{args.scorer}"
     if args.out:
@@ -90,7 +120,33 @@ def cmd_demo(args) -> int:
         print(f"held-out greedy accuracy: {100 * res.eval_before.accuracy:.1f}% -> "
               f"{100 * res.eval_after.accuracy:.1f}% ({gain:+.1f} points, n={res.eval_after.n}); "
               f"wall time {res.wall_seconds / 60:.1f} min; run dir {res.run_dir}")
+        for line in task_changes(res.eval_before.by_task, res.eval_after.by_task):
+            print(line)
     return 0
+
+
+def task_changes(before: dict, after: dict) -> list[str]:
+    """Per task, held-out accuracy before -> after with 95% CIs, then the worst task's change
+    and whether it lost accuracy beyond its interval (after's upper bound below before). []
+    without tasks."""
+    tasks = sorted(set(before) & set(after))
+    if not tasks:
+        return []
+
+    def pct(e):
+        return (f"{100 * e['accuracy']:.1f}% ({100 * e['ci_low']:.1f}-"
+                f"{100 * e['ci_high']:.1f})")
+
+    lines = [f"  {t}: {pct(before[t])} -> {pct(after[t])} "
+             f"({100 * (after[t]['accuracy'] - before[t]['accuracy']):+.1f} points, "
+             f"n={after[t]['n']})" for t in tasks]
+    worst = min(tasks, key=lambda t: after[t]["accuracy"] - before[t]["accuracy"])
+    change = 100 * (after[worst]["accuracy"] - before[worst]["accuracy"])
+    lost = after[worst]["ci_high"] < before[worst]["accuracy"]
+    lines.append(f"worst task: {worst} ({change:+.1f} points): " + (
+        "LOST accuracy beyond its 95% interval" if lost else
+        "no task lost accuracy beyond its 95% interval"))
+    return lines
 
 
 def cmd_tune(args) -> int:
@@ -187,6 +243,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_check_scorer(args) -> int:
+    from tao_fast.config import load_config
+    from tao_fast.scoring.check import run_check, table, write_check
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out or ".")
+    if not out.is_dir():
+        _check_out(out)
+    res = run_check(cfg, args.prompts, args.n, args.limit, progress=cfg.run.progress)
+    print(table(res))
+    print(f"wrote {write_check(out, res)}", file=sys.stderr)
+    return 0
+
+
 def _write_report(run_dir) -> None:
     from tao_fast.report import report
 
@@ -260,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_tune(sub)
     _add_eval(sub)
+    _add_check_scorer(sub)
     _add_report(sub)
     _add_scale(sub)
     _add_profile(sub)
@@ -274,6 +345,11 @@ def _add_demo(sub) -> None:
                        description="Tune the embedded SmolLM2-135M-Instruct on two-digit "
                        "additions with the prompt-only verifier, and report held-out greedy "
                        "accuracy (200 prompts, 95%% CI) before and after. ~15 min on 2 cores.")
+    d.add_argument("--task", choices=("arithmetic", "multitask"), default="arithmetic",
+                   help="arithmetic (default), or multitask: arithmetic (verifier), JSON "
+                   "extraction (format gate + content rules) and multiplication (label-free "
+                   "majority vote) in one run, with per-task held-out accuracy and the worst "
+                   "task's change (~15 min on 2 cores)")
     d.add_argument("--scorer", default="arithmetic",
                    help="arithmetic (default) or random (the control run: no gain expected)")
     d.add_argument("--out", help="run directory (default runs/demo or runs/demo-random)")
@@ -337,6 +413,36 @@ def _add_eval(sub) -> None:
                    "scorer (a spec, e.g. consensus) rates highest")
     e.add_argument("overrides", nargs="*", help=_overrides_help())
     e.set_defaults(func=cmd_eval)
+
+
+def _add_check_scorer(sub) -> None:
+    c = sub.add_parser(
+        "check-scorer", help="measure the training scorer against labels before tuning on it",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Sample N candidates per labelled prompt as a training step would (the run's "
+        "model and engine,\nrollout.strategy, rollout.temperature, rollout.max_tokens), score "
+        "each with scoring.scorer\n(the scorer under test) and eval.scorer (the labels: a "
+        "verifier, or e.g. '{type: exact,\nanswer_field: answer}'), and report: AUC of the "
+        "scorer's reward for telling correct from\nincorrect candidates, agreement (reward "
+        "above its midpoint vs the label), and the accuracy\nof one sample, of the group's "
+        "top-scored candidate (the scorer's pick: for consensus the\nmajority's answer) and "
+        "of the oracle (any correct), with 95% Wilson intervals, then a\none-line verdict. "
+        "Tuning on a scorer whose pick is no more accurate than one sample\ncannot be expected "
+        "to raise accuracy (it may teach the model to agree with itself).",
+        epilog="examples:\n  tao-fast check-scorer scoring.scorer=consensus eval.scorer=arithmetic"
+        "\n  tao-fast check-scorer --config tune.yaml --prompts labelled.jsonl --limit 100 \\\n"
+        "      'eval.scorer={type: exact, answer_field: answer}'")
+    c.add_argument("--config", help="a run's YAML/TOML config (model, rollout, scorers)")
+    c.add_argument("--prompts", help="labelled prompts: a JSONL file, or builtin:arithmetic "
+                   "(its held-out split); default data.eval, else the builtin task's "
+                   "held-out split")
+    c.add_argument("--n", type=int, help="candidates per prompt (default rollout.n)")
+    c.add_argument("--limit", type=int, default=64, help="prompts to check (default 64)")
+    c.add_argument("--out", help="JSON file for the figures and every candidate, or a "
+                   "directory (e.g. a run's) to hold check_scorer.json (default "
+                   "./check_scorer.json)")
+    c.add_argument("overrides", nargs="*", help=_overrides_help())
+    c.set_defaults(func=cmd_check_scorer)
 
 
 def _add_report(sub) -> None:

@@ -63,11 +63,58 @@ class ModelConfig:
         _one_of(self.autocast, ("auto", "none", "bfloat16"), "model.autocast")
 
 
+BUILTIN_TASKS = ("arithmetic", "json", "multiply")  # builtin:NAME (tao_fast/data/tasks.py)
+SOURCE_KEYS = ("source", "weight", "task", "n_train", "n_eval")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One source of training prompts: an entry of data.train (tao_fast/data/sources.py)."""
+    source: str  # builtin:NAME, a JSONL prompt file, or a directory of them
+    weight: float = 1.0  # share of each step's prompts drawn from this source (of the total)
+    # data.task_field for its records that name none ("" = none; a builtin task in a mix of
+    # several sources: its own name)
+    task: str = ""
+    n_train: int | None = None  # builtin task: its training prompts; None = data.n_train
+    n_eval: int | None = None  # builtin task: its held-out prompts; None = data.n_eval
+
+    @property
+    def builtin(self) -> str:
+        """The builtin task's name ("" for a file or directory)."""
+        return self.source[len("builtin:"):] if self.source.startswith("builtin:") else ""
+
+
+def _source(entry, key: str) -> Source:
+    """One entry of data.train's list: "PATH" or {source: PATH, weight: 2, task: sql, ...}."""
+    if isinstance(entry, str):
+        entry = {"source": entry}
+    _check(isinstance(entry, dict), key, f"expected a source (a path, or a mapping with "
+           f"{list(SOURCE_KEYS)}), got {entry!r}")
+    unknown = sorted(set(entry) - set(SOURCE_KEYS))
+    _check(not unknown, f"{key}.{unknown[0] if unknown else ''}",
+           f"unknown key (known: {list(SOURCE_KEYS)})")
+    _check(isinstance(entry.get("source"), str) and bool(entry.get("source")), f"{key}.source",
+           f"must be a path or builtin:NAME, got {entry.get('source')!r}")
+    kw = {k: _coerce(v, typing.get_type_hints(Source)[k], f"{key}.{k}") for k, v in entry.items()}
+    src = Source(**kw)
+    _check(src.weight > 0, f"{key}.weight", f"must be > 0, got {src.weight}")
+    for k in ("n_train", "n_eval"):
+        v = getattr(src, k)
+        _check(v is None or v >= (k == "n_train"), f"{key}.{k}", f"must be >= "
+               f"{int(k == 'n_train')}, got {v}")
+        _check(v is None or src.builtin, f"{key}.{k}", "sets a builtin task's size; "
+               f"{src.source!r} is a prompt file or directory")
+    return src
+
+
 @dataclass
 class DataConfig:
-    # builtin:arithmetic, a JSONL prompt file, or a directory of them (each round adds the
-    # files that appeared since the last one; heldout*.jsonl files are skipped)
-    train: str = "builtin:arithmetic"
+    # builtin:NAME (arithmetic | json | multiply), a JSONL prompt file, or a directory of them
+    # (each round adds the files that appeared since the last one; heldout*.jsonl files are
+    # skipped); or a list of such sources with weights, a mix: each step's prompts are drawn
+    # to the weights, e.g. [{source: builtin:arithmetic, weight: 2}, {source: sql.jsonl,
+    # task: sql}] (keys: source, weight, task, n_train, n_eval)
+    train: str | list = "builtin:arithmetic"
     eval: str = ""  # JSONL of held-out prompts; "" = the builtin task's held-out split, or none
     n_train: int = 1024  # builtin task: training prompts
     n_eval: int = 200  # builtin task: held-out prompts (seeds disjoint from training)
@@ -89,6 +136,28 @@ class DataConfig:
         _check(1 <= self.digits <= 3, "data.digits", f"must be 1..3, got {self.digits}")
         _check(bool(self.ops) and not set(self.ops) - set("+-"), "data.ops",
                f"must be made of '+' and '-', got {self.ops!r}")
+        srcs = self.sources
+        for i, src in enumerate(srcs):
+            where = "data.train" if isinstance(self.train, str) else f"data.train[{i}]"
+            _check(not src.builtin or src.builtin in BUILTIN_TASKS, where,
+                   f"unknown builtin task {src.source!r} (builtin: {', '.join(BUILTIN_TASKS)})")
+        names = [s.source for s in srcs]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        _check(dup is None, "data.train", f"names {dup!r} twice")
+
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        """data.train as sources: one of weight 1 for a string, each entry of a list."""
+        if isinstance(self.train, str):
+            _check(bool(self.train), "data.train", "must not be empty")
+            return (Source(self.train),)
+        _check(bool(self.train), "data.train", "an empty list: give one source at least")
+        return tuple(_source(e, f"data.train[{i}]") for i, e in enumerate(self.train))
+
+    @property
+    def mixed(self) -> bool:
+        """Several sources (a mix): builtin tasks name their task, each step draws to weights."""
+        return not isinstance(self.train, str) and len(self.train) > 1
 
 
 @dataclass
@@ -285,10 +354,21 @@ class EvalConfig:
     # be judged by the task's verifier: its demo sets eval.scorer=arithmetic.
     scorer: str | dict = ""
     samples: int = 1  # sampled answers per prompt at rollout.temperature (pass@1); 0 = none
+    # where eval.scorer is set and differs from scoring.scorer (tao_fast/scoring/check.py):
+    # preflight: held-out prompts on which the training scorer is measured against eval.scorer
+    # after eval_before (RUN_DIR/preflight.json, a warning, never a refusal); 0 = off.
+    # probe: auto = each step's candidates are also scored by eval.scorer, when it checks the
+    # training prompts (metrics' probe_accuracy; no extra generation); off (YAML's false) = never
+    preflight: int = 32
+    probe: bool | str = "auto"
 
     def __post_init__(self):
         _check(self.max_tokens >= 1, "eval.max_tokens", "must be >= 1")
         _check(self.samples >= 0, "eval.samples", "must be >= 0")
+        _check(self.preflight >= 0, "eval.preflight", f"must be >= 0, got {self.preflight}")
+        if self.probe is False:  # a bare `off` is YAML's false
+            self.probe = "off"
+        _one_of(self.probe, ("auto", "off"), "eval.probe")
 
 
 @dataclass
@@ -307,6 +387,11 @@ class RunConfig:
     checkpoint_dtype: str = "auto"
     progress: bool = True
     dist_timeout_s: float = 300.0  # under torchrun: longest wait on another rank before failing
+    # experiment trackers (tao_fast/tracking.py): none, or some of REPORT_TO joined by commas
+    # ("tensorboard,wandb"); files under the run directory, offline
+    report_to: str = "none"
+
+    REPORT_TO = ("tensorboard", "wandb", "trackio")  # not a field: the trackers' names
 
     def __post_init__(self):
         _check(self.dist_timeout_s > 0, "run.dist_timeout_s", "must be > 0")
@@ -316,6 +401,16 @@ class RunConfig:
         _check(self.save_every >= 0, "run.save_every", "must be >= 0")
         _check(self.keep_states >= 0, "run.keep_states", "must be >= 0")
         _one_of(self.checkpoint_dtype, ("auto", "float32", "bfloat16"), "run.checkpoint_dtype")
+        for name in self.trackers:
+            _check(name in self.REPORT_TO, "run.report_to",
+                   f"must be none or some of {list(self.REPORT_TO)} joined by commas "
+                   f"(e.g. tensorboard,wandb), got {self.report_to!r}")
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        """run.report_to's names, each once, in order; () for none."""
+        names = [n.strip() for n in self.report_to.split(",")]
+        return () if names == ["none"] else tuple(dict.fromkeys(names))
 
 
 @dataclass
@@ -361,6 +456,8 @@ def _coerce(value, tp, key: str):
         return value
     if tp is dict and isinstance(value, dict):
         return value
+    if tp is list and isinstance(value, list):
+        return value
     raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r} "
                       f"({type(value).__name__})")
 
@@ -404,8 +501,9 @@ def parse_override(item: str) -> tuple[str, object]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, list):
-        value = raw  # a string such as "[x]" stays a string; a mapping ({type: ...}) stays one
+    if isinstance(value, list) and not all(isinstance(v, dict) for v in value) or value == []:
+        value = raw  # a string such as "[x]" stays a string; a mapping ({type: ...}) stays
+        # one, and so does a list of mappings (data.train=[{source: a.jsonl, weight: 2}, ...])
     return key.strip(), value
 
 

@@ -12,12 +12,15 @@
              (engine asleep, learner step, weights synced into the engine)
 
 The run directory holds config.yaml, metrics.jsonl, manifest.jsonl, eval_*.json,
-summary.json/.md, checkpoint-round*/ and state/ (tao_fast/rl/state.py). The config is read,
+summary.json/.md, checkpoint-round*/ and state/ (tao_fast/rl/state.py); run.report_to's trackers
+write tensorboard/, wandb/, trackio/ (tao_fast/tracking.py). The config is read,
 never changed, while the run goes.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import json
 import os
 import random
@@ -32,9 +35,10 @@ from tqdm.auto import tqdm
 
 from tao_fast.checkpoint import save_checkpoint
 from tao_fast.config import ConfigError, ResumeError, TaoConfig, load_config, save_config
-from tao_fast.data.prompts import encode_prompt, read_fewshot
-from tao_fast.data.rounds import plan_round, pool_from_manifest, prompt_id, read_manifest
-from tao_fast.data.sources import load_prompts
+from tao_fast.data.prompts import encode_prompt, read_fewshot, read_jsonl
+from tao_fast.data.mix import mix_order, plan_mix, pool_of_mix
+from tao_fast.data.rounds import prompt_id, read_manifest
+from tao_fast.data.sources import load_sources
 from tao_fast.dtypes import dtype_name, sampler_dtype, torch_dtype
 from tao_fast.eval import EvalResult, evaluate
 from tao_fast.fileio import atomic_write_lines
@@ -51,7 +55,10 @@ from tao_fast.rollout.strategies import PromptVariants, generate_candidates
 from tao_fast.run_dir import check_space, check_writable, kill_at, writing
 from tao_fast.scoring import ScorerContext, build_scorer
 from tao_fast.scoring.base import ScoreResult
+from tao_fast.scoring.check import (check_scorer, probe_accuracy, separate_label_scorer,
+                                    write_check)
 from tao_fast.summary import write_summary
+from tao_fast.tracking import Trackers, check_installed, open_trackers
 
 
 @dataclass
@@ -120,6 +127,7 @@ class TaoRecipe:
         self.result = TuneResult(run_dir=self.run_dir, checkpoint=None)
         self.engine = None
         self.progress = cfg.run.progress
+        self.trackers = Trackers()  # run.report_to's, opened with the run directory's files
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -133,6 +141,7 @@ class TaoRecipe:
         self.write_run_files()
         if self.cfg.eval.before:
             self.result.eval_before = self.eval_before()
+        self.preflight()
 
     def setup_run(self) -> None:
         """The run directory (writable), the process group under torchrun, the CPU threads and
@@ -148,6 +157,7 @@ class TaoRecipe:
         if self.cfg.run.threads:
             torch.set_num_threads(self.cfg.run.threads)
         torch.manual_seed(self.cfg.run.seed)
+        check_installed(self.cfg)  # run.report_to's packages, before any model loads
 
     def setup_scoring(self) -> None:
         """Scorers (a bad spec fails here, before any model loads) and the prompts they score,
@@ -159,11 +169,14 @@ class TaoRecipe:
         self.scorer = build_scorer(sc.scorer, ctx, where="scoring.scorer")
         self.eval_scorer = (build_scorer(cfg.eval.scorer, ctx, where="eval.scorer")
                             if cfg.eval.scorer else self.scorer)
-        self.train_prompts, self.held_out = load_prompts(cfg.data, cfg.run.seed)
+        self.sources = load_sources(cfg.data, cfg.run.seed)
+        self.train_prompts = [r for s in self.sources for r in s.train]
+        self.held_out = (read_jsonl(cfg.data.eval) if cfg.data.eval
+                         else [r for s in self.sources for r in s.held])
         for s, recs in ((self.scorer, self.train_prompts), (self.eval_scorer, self.held_out)):
             if recs:
                 s.check(recs)
-        self.builtin = self.train_prompts if cfg.data.train.startswith("builtin:") else None
+        self.probe_scorer = self.labelled_probe()
 
     def policy(self):
         """(engine, tokenizer) of the policy being tuned, for a judge that asks it."""
@@ -191,7 +204,8 @@ class TaoRecipe:
         cfg = self.cfg
         self.round, self.step, self.order = 1, 1, []
         self.rng = random.Random(cfg.run.seed)
-        self.pool, self.encoded = None, []
+        self.pool, self.encoded, self.pool_sizes = None, [], []
+        self.drawn = [0] * len(self.sources)  # prompts drawn per source in the step
         self.manifest = read_manifest(self.run_dir)
         state_dir = latest_state(self.run_dir) if self.resuming else None
         if state_dir is not None:
@@ -201,8 +215,8 @@ class TaoRecipe:
             self.rng.setstate(saved.python_rng)
             self.round, self.step, self.order = saved.next_position(cfg.run.steps)
             if self.step > 1:  # inside a begun round: the same pool, the same order
-                self.pool = pool_from_manifest(self.manifest[self.round - 1], cfg.data.train,
-                                               self.builtin)
+                self.pool, self.pool_sizes = pool_of_mix(self.manifest[self.round - 1],
+                                                         self.sources, cfg.data)
             lines = (self.run_dir / "metrics.jsonl").read_text().splitlines()
             self.result.metrics = [json.loads(x) for x in lines[:saved.metrics_lines]]
             self.result.checkpoint = Path(saved.checkpoint) if saved.checkpoint else None
@@ -245,6 +259,9 @@ class TaoRecipe:
         if dist_.is_main():
             save_config(self.cfg, self.run_dir / "config.yaml")
         self._write_lines("metrics.jsonl", self.result.metrics)
+        # run.report_to (rank 0); a resumed run relogs from the step after its kept lines
+        self.trackers = open_trackers(self.cfg, self.run_dir,
+                                      len(self.result.metrics) + 1 if self.resuming else None)
 
     def _refuse_policy_judge_under_dp(self) -> None:
         for where, s in (("scoring.scorer", self.scorer), ("eval.scorer", self.eval_scorer)):
@@ -263,6 +280,53 @@ class TaoRecipe:
         if self.resuming and saved.exists():
             return EvalResult.load(saved)
         return self.evaluate("before")
+
+    # ------------------------------------------------------------------ scorer vs labels
+    def labelled_probe(self):
+        """eval.probe=auto: eval.scorer, when it is the run's own label scorer and checks the
+        training prompts (their records carry what it needs), scores each step's candidates
+        too (probe_accuracy); else None."""
+        if self.cfg.eval.probe == "off" or not separate_label_scorer(self.cfg):
+            return None
+        try:
+            self.eval_scorer.check(self.train_prompts)
+        except ConfigError as e:
+            log(f"[tao-fast] no labelled probe: eval.scorer cannot score the training prompts "
+                f"({e})")
+            return None
+        return self.eval_scorer
+
+    def add_probe(self, records, texts, scores: ScoreResult) -> float:
+        """The labelled probe of a batch's candidates into scores.stats["probe_accuracy"] (the
+        training rewards unchanged); returns its seconds."""
+        if self.probe_scorer is None:
+            return 0.0
+        t0 = time.perf_counter()
+        acc = probe_accuracy(self.probe_scorer, records, texts)
+        if acc is not None:
+            scores.stats["probe_accuracy"] = acc
+        return time.perf_counter() - t0
+
+    def preflight(self) -> None:
+        """eval.preflight held-out prompts: the training scorer measured against eval.scorer
+        (tao_fast/scoring/check.py) into RUN_DIR/preflight.json, its verdict logged. A warning,
+        never a refusal; a resumed run that has one keeps it."""
+        cfg, path = self.cfg, self.run_dir / "preflight.json"
+        if not (cfg.eval.preflight and self.held_out and separate_label_scorer(cfg)):
+            return
+        if self.resuming and path.exists():
+            return
+        try:
+            res = check_scorer(self.engine, self.tokenizer, self.held_out[:cfg.eval.preflight],
+                               self.scorer, self.eval_scorer, cfg, fewshot=self.fewshot,
+                               progress=self.progress)
+        except ConfigError as e:  # e.g. a held-out prompt too long for rollout.max_tokens
+            log(f"[tao-fast] pre-flight skipped: {e}")
+            return
+        if dist_.is_main():
+            write_check(path, res)
+        log(f"[tao-fast] pre-flight, {res['prompts']} held-out prompts x {res['n']} candidates "
+            f"({res['seconds']:.0f} s, {path.name}): {res['verdict']}")
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
@@ -288,15 +352,18 @@ class TaoRecipe:
         the round was begun before a resume); room on disk for what the round will write."""
         cfg = self.cfg
         if self.pool is None:
-            plan = plan_round(self.round, cfg.data.train, self.manifest, cfg.data.replay_frac,
-                              cfg.run.seed, self.builtin)
+            plan, self.pool_sizes = plan_mix(self.round, self.sources, self.manifest, cfg.data,
+                                             cfg.run.seed)
             if not plan.prompts:
                 raise ConfigError(f"round {self.round}: no prompts (data.train={cfg.data.train})")
             self.manifest.append(plan.manifest_line())
             self._write_lines("manifest.jsonl", self.manifest)
             self.pool, self.order = plan.prompts, []
             log(f"[tao-fast] round {self.round}: {plan.n_new} new prompts from "
-                f"{len(plan.new_files)} new file(s), {plan.n_replay} replayed")
+                f"{len(plan.new_files)} new file(s), {plan.n_replay} replayed" + (
+                    "; mix " + ", ".join(f"{m['task'] or m['source']} {m['n_prompts']} "
+                                         f"(weight {m['weight']:g})" for m in plan.mix)
+                    if cfg.data.mixed else ""))
         self.encode_training(self.pool)  # the prompts of files that arrived since setup
         self.encoded = [self.train_ids[prompt_id(r)] for r in self.pool]
         check_space(self.run_dir, self.model, cfg.run.keep_states, self.checkpoint_dtype)
@@ -327,13 +394,16 @@ class TaoRecipe:
 
     def next_batch(self) -> tuple[list, list[PromptVariants]]:
         """rl.prompts_per_step records of the pool and their prompts' token ids (encoded when
-        the round began); the pool is reshuffled once per pass over it."""
+        the round began); the pool is reshuffled once per pass over it, a mix's draws go to
+        its sources' weights (tao_fast/data/mix.py)."""
         n = self.cfg.rl.prompts_per_step
         if len(self.order) < n:
-            fresh = list(range(len(self.pool)))
-            self.rng.shuffle(fresh)
-            self.order += fresh
+            self.order += mix_order(self.pool_sizes, [s.spec.weight for s in self.sources],
+                                    len(self.pool), self.rng)
         idx, self.order = self.order[:n], self.order[n:]
+        ends = list(itertools.accumulate(self.pool_sizes))
+        for i in idx:  # the step's draws per source: the metrics line's mix/<source>/prompts
+            self.drawn[bisect.bisect_right(ends, i)] += 1
         return [self.pool[i] for i in idx], [self.encoded[i] for i in idx]
 
     def train_step(self) -> dict:
@@ -341,6 +411,7 @@ class TaoRecipe:
         fills the batch) -> the algorithm's samples -> update. Returns its line of metrics."""
         t0 = time.perf_counter()
         cfg, gstep, algo = self.cfg, self.global_step, self.learner.algo
+        self.drawn = [0] * len(self.sources)
         rollouts, scores, extra, gen_s, score_s = self.rollouts_for_step()
         if gstep == self.kill_at:
             os.kill(os.getpid(), SIGKILL)
@@ -348,6 +419,9 @@ class TaoRecipe:
         signal = reward_signal(scores.rewards)  # [P], before any shaping
         m = {"round": self.round, "step": self.step, "global_step": gstep,
              **rollout_metrics(rollouts, scores, signal, gen_s, score_s)}
+        if cfg.data.mixed:  # how many of the step's prompts each source gave
+            m.update({f"mix/{s.task or s.spec.source}/prompts": k
+                      for s, k in zip(self.sources, self.drawn)})
         if algo.dynamic_rounds:  # DAPO: train on rl.prompts_per_step groups with signal
             keep = fill_groups(signal, cfg.rl.prompts_per_step)
             rollouts, scores = take_groups(rollouts, scores, keep)
@@ -378,6 +452,7 @@ class TaoRecipe:
             # slice (one strategy), every rank gets the whole
             ro, sc, g, s = generate_candidates(self.engine, self.scorer, prompts, recs, sampling,
                                                cfg.rollout.strategies, progress=self.progress)
+            s += self.add_probe(recs, ro.texts, sc)  # eval.probe: probe_accuracy in sc.stats
             # the responses train on rollout.train_prompt's prompt: with plain, the user's own
             # (the learner's importance weight, capped at rl.tis_cap, corrects for the change)
             parts.append((dataclasses.replace(ro, prompt_ids=[p.train for p in prompts]), sc))
@@ -429,6 +504,7 @@ class TaoRecipe:
         if dist_.is_main():
             with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(m) + "\n")
+        self.trackers.log(m, m["global_step"])
         self.bar.update(1)
         self.bar.set_postfix(reward=f"{m['reward_mean']:.3f}", zero=m["zero_signal_groups"])
 
@@ -495,6 +571,7 @@ class TaoRecipe:
                            progress=self.progress)
             if dist_.is_main():  # each engine answered a slice, every rank has all
                 res.save(self.run_dir / f"eval_{name}{suffix}.json")
+                self.trackers.log_eval(res, 0 if name == "before" else len(self.result.metrics))
             log(f"[eval {name}] held-out {res.summary()} ({res.seconds:.0f} s)")
             out = out or res
         return out
@@ -505,6 +582,7 @@ class TaoRecipe:
         self.result.wall_seconds = time.perf_counter() - self.t_start
         if dist_.is_main():
             log(write_summary(self.result, self.cfg))
+        self.trackers.close()
         if dist_.active():
             # vLLM's TP/DP groups are made of torchrun's ranks: release them together, before
             # the process group goes (left to exit, vLLM's cleanup fails on the destroyed groups)
