@@ -340,19 +340,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_demo(sub) -> None:
-    d = sub.add_parser("demo", help="tune the embedded SmolLM2-135M on built-in arithmetic and "
-                       "show held-out accuracy before/after",
+    d = sub.add_parser("demo", help="tune the embedded SmolLM2-135M on built-in arithmetic (or "
+                       "three tasks at once) and show held-out accuracy before/after",
                        description="Tune the embedded SmolLM2-135M-Instruct on two-digit "
                        "additions with the prompt-only verifier, and report held-out greedy "
-                       "accuracy (200 prompts, 95%% CI) before and after. ~15 min on 2 cores.")
+                       "accuracy (200 prompts, 95%% CI) before and after (~7 min on 2 cores); "
+                       "--task multitask tunes on three tasks at once, each scored its own way.")
     d.add_argument("--task", choices=("arithmetic", "multitask"), default="arithmetic",
                    help="arithmetic (default), or multitask: arithmetic (verifier), JSON "
                    "extraction (format gate + content rules) and multiplication (label-free "
                    "majority vote) in one run, with per-task held-out accuracy and the worst "
-                   "task's change (~15 min on 2 cores)")
+                   "task's change (~19 min on 2 cores)")
     d.add_argument("--scorer", default="arithmetic",
                    help="arithmetic (default) or random (the control run: no gain expected)")
-    d.add_argument("--out", help="run directory (default runs/demo or runs/demo-random)")
+    d.add_argument("--out", help="run directory (default runs/demo, runs/demo-random, "
+                   "runs/demo-multitask)")
     d.add_argument("--steps", type=int, help=f"RL steps (default {DEMO['run.steps']})")
     d.add_argument("overrides", nargs="*", help=_overrides_help())
     d.set_defaults(func=cmd_demo)
@@ -364,7 +366,9 @@ def _add_tune(sub) -> None:
                        "data.train: a JSONL file of {\"prompt\": ...} or {\"messages\": [...]} "
                        "lines, a directory of them (e.g. `tao-fast ingest` outputs; each round "
                        "adds the files that appeared since the last, replaying "
-                       "data.replay_frac old prompts), or builtin:arithmetic. The scorer is "
+                       "data.replay_frac old prompts), a builtin task (builtin:arithmetic, "
+                       "builtin:json, builtin:multiply), or a list of such sources with "
+                       "weights (a mix; README: several tasks in one run). The scorer is "
                        "scoring.scorer (see README: rules, consensus, code/SQL execution, "
                        "reward model, judge, mixes). A training state is saved every "
                        "run.save_every steps; --resume continues a killed run from it.")

@@ -138,6 +138,7 @@ def scale(cfg: TaoConfig, ns=(2, 4, 8, 16), out_dir="runs/scale", controls=CONTR
         mid = 8 if 8 in ns else ns[len(ns) // 2]
         c = copy.deepcopy(cfg)
         c.rollout.n, c.eval.before = mid, False
+        c.eval.preflight = 0  # the control's own tuning compute only (no scorer check)
         c.eval.scorer = cfg.eval.scorer or cfg.scoring.scorer
         c.scoring.scorer = "random"
         d = _run(c, out / f"random-n{mid}")

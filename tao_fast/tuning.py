@@ -61,6 +61,14 @@ from tao_fast.summary import write_summary
 from tao_fast.tracking import Trackers, check_installed, open_trackers
 
 
+def spread(records: list, n: int) -> list:
+    """n records evenly spaced over the list (all of them when it is shorter): a mix's
+    held-out set is its sources' splits one after another, and the first n would be one task."""
+    if n >= len(records):
+        return list(records)
+    return [records[i * len(records) // n] for i in range(n)]
+
+
 @dataclass
 class TuneResult:
     run_dir: Path
@@ -317,7 +325,8 @@ class TaoRecipe:
         if self.resuming and path.exists():
             return
         try:
-            res = check_scorer(self.engine, self.tokenizer, self.held_out[:cfg.eval.preflight],
+            res = check_scorer(self.engine, self.tokenizer, spread(self.held_out,
+                                                                  cfg.eval.preflight),
                                self.scorer, self.eval_scorer, cfg, fewshot=self.fewshot,
                                progress=self.progress)
         except ConfigError as e:  # e.g. a held-out prompt too long for rollout.max_tokens

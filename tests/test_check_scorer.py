@@ -247,3 +247,11 @@ def test_check_scorer_help_and_its_errors_are_one_clear_line(capsys, tmp_path):
         assert main(["check-scorer", *argv]) == 2
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err
+
+
+def test_the_preflight_takes_prompts_spread_over_the_held_out_set():
+    from tao_fast.tuning import spread
+
+    held = [f"a{i}" for i in range(6)] + [f"b{i}" for i in range(6)]  # a mix: task a, then b
+    assert spread(held, 4) == ["a0", "a3", "b0", "b3"]
+    assert spread(held, 20) == held and spread(held, 1) == ["a0"]

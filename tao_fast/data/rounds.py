@@ -1,8 +1,9 @@
 """Which prompts each round trains on: the new ones since the last round, plus a replayed share.
 
-`data.train` is a JSONL prompt file, a directory of them (e.g. one `tao-fast ingest` output per
-week of request logs: *.jsonl and *.jsonl.gz files are read, except heldout*; any other file is
-skipped and named in a note, except ingest's own ingest_summary.json), or builtin:arithmetic.
+A source of `data.train` is a JSONL prompt file, a directory of them (e.g. one `tao-fast ingest`
+output per week of request logs: *.jsonl and *.jsonl.gz files are read, except heldout*; any
+other file is skipped and named in a note, except ingest's own ingest_summary.json), or a
+builtin task; a mix of several sources plans each one this way (tao_fast/data/mix.py).
 A file of a directory that holds no prompt (an empty file) is skipped with a note rather than
 stopping the run: one week without usable logs should not stop training on the others; it is
 not recorded as used, so it counts as new once it has prompts. At the

@@ -9,10 +9,12 @@ the multi-task demo trains and judges them by, declared once here as data.
     multiply    "What is 7 times 13? Answer with  label-free in training (consensus: the
                  the number only."                 group's majority); its label judges held-out
 
-Measured on the embedded SmolLM2-135M-Instruct (greedy, 60 prompts, bench/RESULTS.md has the
-demo's figures): json 45% (its answers' JSON is right but followed by prose, or the age is
-wrong), multiply 25% one sample, 47% the majority of 8 at T=0.7: the majority is the more
-accurate answer, which is when a vote can teach (tao-fast check-scorer measures it).
+Measured on the embedded SmolLM2-135M-Instruct (bench/RESULTS.md, the multi-task demo), greedy
+before tuning: arithmetic 18.8%, json 31.2% (its JSON right but followed by prose, which the gate
+refuses, or the age wrong), multiply 25.0%; on 60 prompts of a draft of multiply (both factors
+one digit) the majority of 8 samples at T=0.7 was right 46.7% of the time against 29.6% for one
+sample: the vote is the more accurate answer, which is when a vote can teach (tao-fast
+check-scorer measures it).
 """
 from __future__ import annotations
 

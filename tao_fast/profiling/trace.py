@@ -38,10 +38,10 @@ def phase(name: str):
 
 
 def profile_config(cfg: TaoConfig, steps: int, out_dir: Path) -> TaoConfig:
-    """The run profiled: `steps` steps of one round, no held-out evaluation, no training
-    states, its run directory under out_dir."""
+    """The run profiled: `steps` steps of one round, no held-out evaluation or pre-flight, no
+    training states, its run directory under out_dir."""
     return dataclasses.replace(
-        cfg, eval=dataclasses.replace(cfg.eval, before=False, after=False),
+        cfg, eval=dataclasses.replace(cfg.eval, before=False, after=False, preflight=0),
         run=dataclasses.replace(cfg.run, steps=steps, rounds=1, keep_states=0, save_every=0,
                                 output_dir=str(Path(out_dir) / "run")))
 

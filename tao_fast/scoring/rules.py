@@ -19,6 +19,7 @@ import re
 from fractions import Fraction
 from pathlib import Path
 
+from tao_fast.config import ConfigError
 from tao_fast.scoring.base import Scorer, score_each
 from tao_fast.scoring.extract import extract_answer, parse_fraction, parse_json_candidate
 
@@ -36,12 +37,23 @@ def _compile(pattern: str, flags: str = ""):
 class _Rule(Scorer):
     name = "rule"
     failure_value = 0.0
+    answer_field = ""  # the record field a rule compares against ("" = none)
 
     def score(self, prompts, candidates):
         return score_each(self.name, self.score_one, prompts, candidates, self.failure_value)
 
     def score_one(self, rec, text: str) -> tuple[float, dict]:
         raise NotImplementedError
+
+    def check(self, prompts) -> None:
+        """A rule compared against a record field (answer_field): every record has it, else a
+        ConfigError naming the first record without it (its file and line), before generation."""
+        key = self.answer_field
+        for i, rec in enumerate(prompts if key else ()):
+            if key not in rec.meta:
+                where = rec.source or f"prompt {i}"
+                raise ConfigError(f"{self.name}: {where}: the record has no {key!r} field, "
+                                  f"which answer_field={key!r} compares against")
 
 
 class RegexScorer(_Rule):

@@ -282,7 +282,7 @@ def test_uses_policy_and_check_on_every_builtin_scorer(kind, tmp_path):
     scorer = build_scorer(spec, ScorerContext(base_dir=tmp_path, policy_engine=_policy))
     assert isinstance(scorer, Scorer)
     assert scorer.uses_policy is uses_policy
-    assert scorer.check([rec(tests="assert True", db="shop.sqlite")]) is None
+    assert scorer.check([rec(tests="assert True", db="shop.sqlite", answer="4")]) is None
 
 
 def test_uses_policy_follows_the_judges_model_through_nested_mixes():
@@ -305,3 +305,18 @@ def test_a_mix_checks_every_part(tmp_path):
     mix.check([rec(db="shop.sqlite")])
     with pytest.raises(ConfigError, match="prompt 0: database .*nope.sqlite does not exist"):
         mix.check([rec(db="nope.sqlite")])
+
+
+def test_a_rule_against_a_record_field_refuses_a_record_without_it_before_generation():
+    from tao_fast.config import ConfigError
+    from tao_fast.data import PromptRecord
+
+    recs = [PromptRecord([{"role": "user", "content": "q"}], {"answer": "4"}, source="a.jsonl:1"),
+            PromptRecord([{"role": "user", "content": "q"}], {}, source="a.jsonl:2")]
+    for spec in ({"type": "exact"}, {"type": "numeric"},
+                 {"type": "regex", "pattern": "(\\d+)", "answer_field": "answer"}):
+        s = build_scorer(spec)
+        s.check(recs[:1])
+        with pytest.raises(ConfigError, match="a.jsonl:2: the record has no 'answer' field"):
+            s.check(recs)
+    build_scorer({"type": "regex", "pattern": "x"}).check(recs)  # no field compared: fine
