@@ -1,5 +1,5 @@
 """`tao-fast` command line: demo | tune | eval | check-scorer | report | scale | profile | bench |
-ingest."""
+ingest | serve."""
 from __future__ import annotations
 
 import argparse
@@ -154,8 +154,15 @@ def cmd_tune(args) -> int:
 
     if bool(args.config) == bool(args.resume):
         raise ConfigError("tune: give --config FILE for a new run or --resume RUN_DIR")
-    res = tune(args.config, args.overrides, resume=args.resume)
+    overrides = [*args.overrides, *([f"data.follow={args.follow}"] if args.follow else [])]
+    res = tune(args.config, overrides, resume=args.resume)
     from tao_fast.rl import distributed
+
+    if res.stopped:  # SIGTERM / SIGINT: the recipe logged where it stopped; a clean exit
+        print(json.dumps({"run_dir": str(res.run_dir), "checkpoint": str(res.checkpoint),
+                          "stopped": res.stopped}))
+        distributed.shutdown()
+        return 0
 
     if not distributed.is_main():  # under torchrun rank 0 reports
         distributed.shutdown()
@@ -336,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(sub)
     _add_ingest(sub)
     _add_bench(sub)
+    _add_serve(sub)
     return p
 
 
@@ -376,6 +384,12 @@ def _add_tune(sub) -> None:
     t.add_argument("--resume", metavar="RUN_DIR",
                    help="continue this run directory from its last saved state; overrides "
                    "such as run.rounds=3 add rounds that pick up new prompt files")
+    t.add_argument("--follow", metavar="LOGDIR",
+                   help="data.follow: follow this request-log directory (tao-fast serve's); "
+                   "each round starts once data.min_new_prompts new prompts have arrived in "
+                   "its completed requests-*.jsonl(.gz) files, and trains on them alone (with "
+                   "data.replay_frac of old ones); data.follow_rounds rounds (0 = until "
+                   "SIGTERM/SIGINT, which stop after the step in progress, state saved)")
     t.add_argument("overrides", nargs="*", help=_overrides_help())
     t.set_defaults(func=cmd_tune)
 
@@ -546,6 +560,75 @@ def _add_bench(sub) -> None:
                    help="with --gpu: the suite's CPU dry run (tiny shapes)")
     b.add_argument("--root", help="checkout to benchmark (default: this tao_fast's)")
     b.set_defaults(func=cmd_bench)
+
+
+def _add_serve(sub) -> None:
+    import os
+
+    v = sub.add_parser(
+        "serve", help="serve the tuned model (OpenAI-compatible), log its traffic for the next "
+        "round, switch to each new round",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve a model on an OpenAI-compatible API (POST /v1/chat/completions, "
+        "streaming or not;\nGET /v1/models; GET /health) and append every request and response "
+        "to LOGDIR as JSONL\n(active-<pid>.jsonl, rotated into requests-<UTC time>-<seq>.jsonl.gz"
+        "), the files\n`tao-fast ingest` and `tune --follow` read. Given a run directory, it "
+        "serves the newest\ncomplete checkpoint-roundN and switches to each newer one as tune "
+        "writes it.",
+        epilog="examples:\n  tao-fast serve --model runs/my-task --log-dir logs/live\n"
+        "  tao-fast ingest logs/live --out prompts/live   # then tune --resume runs/my-task")
+    v.add_argument("--model", required=True, metavar="PATH|RUN_DIR",
+                   help="a model directory (HF safetensors), embedded:NAME, or a run directory "
+                   "written by tao-fast tune: its newest complete checkpoint-roundN (its "
+                   "config.yaml's model.path until round 1), then each newer round")
+    v.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    v.add_argument("--log-dir", default="logs", metavar="DIR",
+                   help="request log directory (default logs); '' turns logging off")
+    v.add_argument("--engine", choices=("auto", "torch", "vllm"), default="auto",
+                   help="auto (default): vLLM's own server when a supported vLLM is installed, "
+                   "else the in-house torch engine; torch; vllm")
+    v.add_argument("--api-key", default=os.environ.get("TAO_FAST_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: env "
+                   "TAO_FAST_API_KEY; none: no key asked)")
+    v.add_argument("--log-max-mb", type=float, default=64.0,
+                   help="rotate the active log file once it passes this size (default 64)")
+    v.add_argument("--log-rotate-s", type=float, default=300.0,
+                   help="rotate a non-empty active log file this many seconds after its first "
+                   "record (default 300)")
+    v.add_argument("--redact", metavar="SPEC",
+                   help="python:module:function (or python:file.py:function) called on each "
+                   "record before it is written, in a sandbox: returns the record to write "
+                   "or None to leave it out")
+    v.add_argument("--max-concurrency", type=int, default=64,
+                   help="requests in flight at once; more get 429 (default 64)")
+    v.add_argument("--poll-s", type=float, default=5.0,
+                   help="seconds between looks at RUN_DIR for a new round (default 5)")
+    v.add_argument("--served-name", default="tao-fast",
+                   help="the model id clients see in /v1/models and responses (default tao-fast)")
+    v.add_argument("--max-tokens", type=int, default=512,
+                   help="cap on a request's max_tokens, and its default (default 512)")
+    v.add_argument("--max-batch", type=int, default=8,
+                   help="torch engine: requests generated together in one batch (default 8)")
+    v.add_argument("--max-body-mb", type=float, default=4.0,
+                   help="largest request body accepted; more gets 413 (default 4)")
+    v.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"tao-fast serve needs {' and '.join(missing)}: "
+                          f"pip install 'tao-fast[serve]'")
+    from tao_fast.serve.server import ServeOptions, serve
+
+    names = ("model", "host", "port", "log_dir", "engine", "api_key", "log_max_mb",
+             "log_rotate_s", "redact", "max_concurrency", "poll_s", "served_name", "max_tokens",
+             "max_batch", "max_body_mb")
+    return serve(ServeOptions(**{k: getattr(args, k) for k in names}))
 
 
 def cmd_bench(args) -> int:

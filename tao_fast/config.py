@@ -126,8 +126,24 @@ class DataConfig:
     # the record key naming a prompt's task (e.g. "task": "sql" beside "prompt"): the held-out
     # evaluation and the summary break their figures down by it where records carry it
     task_field: str = "task"
+    # `tune --follow LOGDIR`: a request-log directory (tao-fast serve's) to follow; each round
+    # ingests the completed logs that arrived since into RUN_DIR/follow/round-NNN/ and data.train
+    # is that directory (tao_fast/data/follow.py); "" = off
+    follow: str = ""
+    min_new_prompts: int = 64  # follow: new training prompts a round waits for
+    follow_poll_s: float = 10.0  # follow: seconds between looks at the log directory
+    follow_max_wait_s: float = 0.0  # follow: the run ends after this long waiting (0 = never)
+    follow_rounds: int = 0  # follow: rounds to run, in place of run.rounds (0 = until stopped)
 
     def __post_init__(self):
+        _check(self.min_new_prompts >= 1, "data.min_new_prompts",
+               f"must be >= 1, got {self.min_new_prompts}")
+        _check(self.follow_poll_s > 0, "data.follow_poll_s",
+               f"must be > 0, got {self.follow_poll_s}")
+        _check(self.follow_max_wait_s >= 0, "data.follow_max_wait_s",
+               f"must be >= 0 (0 = wait forever), got {self.follow_max_wait_s}")
+        _check(self.follow_rounds >= 0, "data.follow_rounds",
+               f"must be >= 0 (0 = until stopped), got {self.follow_rounds}")
         _check(self.n_train >= 1, "data.n_train", f"must be >= 1, got {self.n_train}")
         _check(self.n_eval >= 0, "data.n_eval", f"must be >= 0, got {self.n_eval}")
         _check(0.0 <= self.words <= 1.0, "data.words", f"must be in [0, 1], got {self.words}")

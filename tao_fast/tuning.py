@@ -1,11 +1,17 @@
 """`tao_fast.tune(config)`: the TAO recipe, read top to bottom.
 
     recipe = TaoRecipe(cfg, run_dir, resuming)
-    recipe.setup()    run directory -> scorers and prompts -> learner -> restore a saved state
-                      -> rollout engine -> held-out evaluation (before)
-    recipe.train()    for each round: start_round, then for each step: step -> log ->
-                      maybe_save; finish_round (checkpoint, evaluation, state)
+    recipe.setup()    run directory -> scorers -> (data.follow: the first round's traffic) ->
+                      prompts -> learner -> restore a saved state -> rollout engine -> held-out
+                      evaluation (before)
+    recipe.train()    for each round: (data.follow: await_round, the round's traffic)
+                      start_round, then for each step: step -> log -> maybe_save ->
+                      stop_if_asked; finish_round (checkpoint, evaluation, state)
     recipe.finish()   held-out evaluation (after), summary, the engine released
+
+    SIGTERM / SIGINT (tao_fast/stop.py) stop the run after the step in progress with a training
+    state saved, or at once while it waits for traffic (RunStopped -> recipe.stopped());
+    data.follow's rounds: tao_fast/data/follow.py.
 
     step() = next batch of prompts -> N candidates each (rollouts, under rollout.strategy's
              prompts) -> scores -> group advantages -> update on rollout.train_prompt's prompt
@@ -28,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from signal import SIGKILL
+from signal import SIGKILL, SIGTERM
 
 import torch
 from tqdm.auto import tqdm
@@ -37,6 +43,8 @@ from tao_fast.checkpoint import save_checkpoint
 from tao_fast.config import ConfigError, ResumeError, TaoConfig, load_config, save_config
 from tao_fast.data.prompts import encode_prompt, read_fewshot, read_jsonl
 from tao_fast.data.mix import mix_order, plan_mix, pool_of_mix
+from tao_fast.data.follow import FollowTimeout, Follower, follow_config
+from tao_fast.data.follow import held_out as follow_held_out
 from tao_fast.data.rounds import prompt_id, read_manifest
 from tao_fast.data.sources import load_sources
 from tao_fast.dtypes import dtype_name, sampler_dtype, torch_dtype
@@ -57,6 +65,7 @@ from tao_fast.scoring import ScorerContext, build_scorer
 from tao_fast.scoring.base import ScoreResult
 from tao_fast.scoring.check import (check_scorer, probe_accuracy, separate_label_scorer,
                                     write_check)
+from tao_fast.stop import RunStopped, StopRequest, sigterm_at
 from tao_fast.summary import write_summary
 from tao_fast.tracking import Trackers, check_installed, open_trackers
 
@@ -77,6 +86,7 @@ class TuneResult:
     eval_before: EvalResult | None = None
     eval_after: EvalResult | None = None
     wall_seconds: float = 0.0
+    stopped: str = ""  # stopped by SIGTERM / SIGINT: where, and how to continue
 
     @property
     def scoring_always_failed(self) -> bool:
@@ -96,9 +106,13 @@ def tune(config: TaoConfig | str | os.PathLike | None = None, overrides=(),
     to add rounds that pick up the prompt files that arrived since)."""
     cfg, run_dir = run_config(config, overrides, resume)
     recipe = TaoRecipe(cfg, run_dir, resuming=resume is not None)
-    recipe.setup()
-    recipe.train()
-    return recipe.finish()
+    with recipe.stop.handling_signals():  # SIGTERM / SIGINT: stop after the step in progress
+        try:
+            recipe.setup()
+            recipe.train()
+        except RunStopped as e:
+            return recipe.stopped(str(e))
+        return recipe.finish()
 
 
 def run_config(config, overrides, resume) -> tuple[TaoConfig, Path]:
@@ -108,14 +122,14 @@ def run_config(config, overrides, resume) -> tuple[TaoConfig, Path]:
         run_dir = Path(resume).resolve()
         if not (run_dir / "config.yaml").exists():
             raise ResumeError(f"--resume {run_dir}: no config.yaml there (not a tao-fast run)")
-        return load_config(run_dir / "config.yaml",
-                           [*overrides, f"run.output_dir={run_dir}"]), run_dir
+        cfg = load_config(run_dir / "config.yaml", [*overrides, f"run.output_dir={run_dir}"])
+        return (follow_config(cfg, run_dir) if cfg.data.follow else cfg), run_dir
     cfg = config if isinstance(config, TaoConfig) else load_config(config, overrides)
     run_dir = Path(cfg.run.output_dir).resolve()
     if holds_run(run_dir):
         raise ConfigError(f"run.output_dir: {run_dir} already holds a run; continue it with "
                           f"`tao-fast tune --resume {run_dir}` or choose another directory")
-    return cfg, run_dir
+    return (follow_config(cfg, run_dir) if cfg.data.follow else cfg), run_dir
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -136,6 +150,8 @@ class TaoRecipe:
         self.engine = None
         self.progress = cfg.run.progress
         self.trackers = Trackers()  # run.report_to's, opened with the run directory's files
+        self.stop = StopRequest()  # SIGTERM / SIGINT asked the run to stop (tao_fast/stop.py)
+        self.follower: Follower | None = None  # data.follow's (tao_fast/data/follow.py)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -167,6 +183,23 @@ class TaoRecipe:
         torch.manual_seed(self.cfg.run.seed)
         check_installed(self.cfg)  # run.report_to's packages, before any model loads
 
+    def setup_follow(self) -> None:
+        """data.follow: the log directory checked and the first round's traffic waited for and
+        ingested, before any model loads (a server's first requests may take a while)."""
+        data = self.cfg.data
+        if not data.follow:
+            return
+        self.follower = Follower(data, self.run_dir, self.stop, log)
+        if not self.resuming and dist_.is_main():
+            # config.yaml before the wait: `tao-fast serve --model RUN_DIR` serves its
+            # model.path (the base) until round 1's checkpoint appears, and takes the traffic
+            # this run waits for (a follow run that stops here resumes from the beginning)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        if not self.follower.await_round(1):
+            raise FollowTimeout(f"data.follow_max_wait_s: fewer than data.min_new_prompts="
+                                f"{data.min_new_prompts} new prompts arrived in {data.follow} "
+                                f"in {data.follow_max_wait_s:g} s: no round ran")
+
     def setup_scoring(self) -> None:
         """Scorers (a bad spec fails here, before any model loads) and the prompts they score,
         checked against them (e.g. every SQL prompt's database)."""
@@ -177,9 +210,11 @@ class TaoRecipe:
         self.scorer = build_scorer(sc.scorer, ctx, where="scoring.scorer")
         self.eval_scorer = (build_scorer(cfg.eval.scorer, ctx, where="eval.scorer")
                             if cfg.eval.scorer else self.scorer)
+        self.setup_follow()  # data.follow: its first round's prompts, once a spec is known good
         self.sources = load_sources(cfg.data, cfg.run.seed)
         self.train_prompts = [r for s in self.sources for r in s.train]
         self.held_out = (read_jsonl(cfg.data.eval) if cfg.data.eval
+                         else follow_held_out(self.run_dir) if cfg.data.follow  # a fixed set
                          else [r for s in self.sources for r in s.held])
         for s, recs in ((self.scorer, self.train_prompts), (self.eval_scorer, self.held_out)):
             if recs:
@@ -339,22 +374,56 @@ class TaoRecipe:
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
-        self.bar = tqdm(total=self.cfg.run.rounds * self.cfg.run.steps,
+        last = self.last_round
+        self.bar = tqdm(total=None if last == float("inf") else last * self.cfg.run.steps,
                         initial=len(self.result.metrics), desc="tune", unit="step",
                         disable=not self.progress)
-        self.kill_at = kill_at(dist_.rank())
-        while self.round <= self.cfg.run.rounds:
+        self.kill_at, self.sigterm_at = kill_at(dist_.rank()), sigterm_at()
+        while self.round <= last:
+            self.stop_if_asked(at_round_start=True)
+            if not self.await_round():  # data.follow: no traffic in data.follow_max_wait_s
+                break
             self.start_round()
             while self.step <= self.cfg.run.steps:
                 self.log_step(self.train_step())
-                self.maybe_save()
+                self.stop_if_asked(saved=self.maybe_save())
                 self.step += 1
             self.finish_round()
+        self.stop_if_asked(at_round_start=True)  # asked in the last step: no evaluation after
         self.bar.close()
+
+    @property
+    def last_round(self) -> float:
+        """run.rounds; with data.follow, data.follow_rounds (inf: until stopped)."""
+        data = self.cfg.data
+        if data.follow:
+            return data.follow_rounds or float("inf")
+        return self.cfg.run.rounds
 
     @property
     def global_step(self) -> int:
         return (self.round - 1) * self.cfg.run.steps + self.step
+
+    def await_round(self) -> bool:
+        """data.follow: the round's traffic waited for and ingested, unless a round begun
+        before a resume has its pool; False when data.follow_max_wait_s passed."""
+        return self.follower is None or self.pool is not None or \
+            self.follower.await_round(self.round)
+
+    def stop_if_asked(self, saved: bool = False, at_round_start: bool = False) -> None:
+        """After a step, or before a round: on SIGTERM / SIGINT, a training state where the run
+        stands (unless one was just saved), then RunStopped. A round's last step goes on to
+        the round's checkpoint and state first (finish_round), and stops before the next."""
+        if not self.stop.requested or (not at_round_start and self.step == self.cfg.run.steps):
+            return
+        done = len(self.result.metrics)
+        if not at_round_start and not saved:
+            self.save_state(self.step, self.order)
+        where = f"after step {done}" if done else "before the first step"
+        kept = ("the training state is saved" if self.cfg.run.keep_states else
+                "no training state (run.keep_states=0): a resume starts over")
+        raise RunStopped(f"stopped by {self.stop.name} {where}; {kept}; `tao-fast tune --resume "
+                         f"{self.run_dir}` continues")
 
     def start_round(self) -> None:
         """A new round's pool: the prompts that arrived since, plus a replayed share (unless
@@ -424,6 +493,8 @@ class TaoRecipe:
         rollouts, scores, extra, gen_s, score_s = self.rollouts_for_step()
         if gstep == self.kill_at:
             os.kill(os.getpid(), SIGKILL)
+        if gstep == self.sigterm_at:  # the tests' stop request in mid-step (tao_fast/stop.py)
+            os.kill(os.getpid(), SIGTERM)
         max_tokens = cfg.rollout.max_tokens
         signal = reward_signal(scores.rewards)  # [P], before any shaping
         m = {"round": self.round, "step": self.step, "global_step": gstep,
@@ -517,10 +588,14 @@ class TaoRecipe:
         self.bar.update(1)
         self.bar.set_postfix(reward=f"{m['reward_mean']:.3f}", zero=m["zero_signal_groups"])
 
-    def maybe_save(self) -> None:
+    def maybe_save(self) -> bool:
+        """A training state every run.save_every steps (a round's last step: finish_round's);
+        returns whether one was saved."""
         if (self.cfg.run.save_every and self.global_step % self.cfg.run.save_every == 0
                 and self.step < self.cfg.run.steps):
             self.save_state(self.step, self.order)
+            return True
+        return False
 
     def finish_round(self) -> None:
         """The round's checkpoint, its held-out evaluation (but the last round's, which
@@ -535,7 +610,7 @@ class TaoRecipe:
                                        "base_model": str(self.model_dir)},
                                 dtype=self.checkpoint_dtype)
         log(f"[tao-fast] round {rnd}: checkpoint {self.result.checkpoint}")
-        if self.cfg.eval.after and rnd < self.cfg.run.rounds:
+        if self.cfg.eval.after and rnd < self.last_round and not self.stop.requested:
             self.evaluate(f"round{rnd}")
         self.save_state(self.cfg.run.steps, [])
         self.round, self.step, self.pool = rnd + 1, 1, None
@@ -597,6 +672,17 @@ class TaoRecipe:
             # the process group goes (left to exit, vLLM's cleanup fails on the destroyed groups)
             dist_.barrier("end of run")
             self.engine.close()
+        return self.result
+
+    def stopped(self, why: str) -> TuneResult:
+        """The end of a run stopped by SIGTERM / SIGINT (RunStopped): no evaluation or
+        summary, trackers closed; `why` says where it stopped and how to continue."""
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()
+        log(f"[tao-fast] {why}")
+        self.result.stopped = why
+        self.result.wall_seconds = time.perf_counter() - self.t_start
+        self.trackers.close()
         return self.result
 
     def _write_lines(self, name: str, lines: list[dict]) -> None:

@@ -31,6 +31,10 @@ Decisions:
 - Held-out split: sha256 of the normalised non-system conversation -> [0, 1) < heldout_frac.
   The same question is always on the same side, in every run and round, whatever system
   prompt it came with; a near-duplicate cluster is kept as one prompt, so it is on one side.
+- Earlier rounds (`seen`: their prompt files, e.g. an earlier OUT's train.jsonl and
+  heldout.jsonl, or directories of them): a record that is an exact or near duplicate of one of
+  their prompts (the same tests as above) is dropped as "seen in an earlier round", so a
+  round trains only on what is new and a prompt once held out never becomes a training one.
 
 Outputs in OUT (each written to a temp file, then os.replace): train.jsonl, heldout.jsonl
 (`{"messages", "id", "source": "file:line"}`, input order; read_jsonl reads them) and
@@ -72,6 +76,7 @@ from tao_fast.fileio import atomic_write_lines
 
 DEFAULT_MAX_CHARS = 32_000
 N_EXAMPLES = 5  # malformed locations listed per file in the summary
+SEEN = "seen in an earlier round"  # the drop reason of a prompt an earlier round holds
 MALFORMED = frozenset({"not UTF-8", "invalid JSON", "not a JSON object", "no prompt",
                        "bad prompt", "bad messages", "bad CSV row"})
 
@@ -105,6 +110,7 @@ class IngestSummary:
     settings: dict
     seconds: float
     written: list[str] = field(default_factory=list)  # the files of OUT this ingest wrote
+    seen_prompts: int = 0  # earlier rounds' prompts (`seen`) the records were checked against
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,11 +180,13 @@ def _jsonl_line(r: _Rec) -> str:
 
 def ingest(paths, out_dir, *, column: str = "prompt", heldout_frac: float = 0.1,
            max_chars: int | None = DEFAULT_MAX_CHARS, near_dup_threshold: float | None = 0.9,
-           tokenizer=None, max_tokens: int | None = None, progress: bool = False) -> IngestSummary:
+           tokenizer=None, max_tokens: int | None = None, progress: bool = False,
+           seen=()) -> IngestSummary:
     """Read request logs / prompt files under `paths`, clean them, and write OUT/train.jsonl,
     OUT/heldout.jsonl and OUT/ingest_summary.json. `near_dup_threshold=None` turns near-dup
     removal off; `tokenizer` (anything with .encode(text) -> ids) with `max_tokens` adds a
-    token limit to the character limit. Raises IngestError for unreadable input."""
+    token limit to the character limit; `seen` (prompt files or directories of earlier
+    rounds) drops what they hold already. Raises IngestError for unreadable input."""
     t0 = time.perf_counter()
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -194,7 +202,8 @@ def ingest(paths, out_dir, *, column: str = "prompt", heldout_frac: float = 0.1,
         raise IngestError("no input files given")
     stats = [FileStats(str(f), _format(f) or "jsonl") for f in files]
     recs: list[_Rec] = []
-    seen: set[str] = set()
+    prior = _seen_records(seen)  # earlier rounds' prompts: dropped where met again
+    prior_keys, keys = {r.key for r in prior}, set()
     from tqdm import tqdm
 
     with tqdm(desc="ingest", unit=" rec", disable=None if progress else True,
@@ -209,19 +218,22 @@ def ingest(paths, out_dir, *, column: str = "prompt", heldout_frac: float = 0.1,
                     msgs = _from_obj(value, column) if st.format == "jsonl" else _from_value(value)
                     _check(msgs, max_chars, tokenizer, max_tokens)
                     rec = _rec(msgs, f"{path}:{ln}", fi)
-                    if rec.key in seen:
+                    if rec.key in prior_keys:
+                        raise Drop(SEEN)
+                    if rec.key in keys:
                         raise Drop("duplicate")
                 except Drop as d:
                     st.drop(d, f"{path}:{ln}")
                     continue
-                seen.add(rec.key)
+                keys.add(rec.key)
                 recs.append(rec)
     if near_dup_threshold is not None and recs:
-        rep = near_duplicates([r.split_key.split() for r in recs], [r.guard for r in recs],
-                              threshold=near_dup_threshold)
+        docs = prior + recs  # the earlier rounds' prompts first: a match to one is "seen"
+        rep = near_duplicates([r.split_key.split() for r in docs], [r.guard for r in docs],
+                              threshold=near_dup_threshold)[len(prior):]
         for r, j in zip(recs, rep):
             if j >= 0:
-                stats[r.file].drop(Drop("near-duplicate"), r.source)
+                stats[r.file].drop(Drop(SEEN if j < len(prior) else "near-duplicate"), r.source)
         recs = [r for r, j in zip(recs, rep) if j < 0]
     held = [unit_fraction(r.split_key) < heldout_frac for r in recs]
     for r in recs:
@@ -236,9 +248,29 @@ def ingest(paths, out_dir, *, column: str = "prompt", heldout_frac: float = 0.1,
         malformed=sum(v for k, v in dropped.items() if k in MALFORMED), files=stats,
         skipped_files=skipped, seconds=round(time.perf_counter() - t0, 3),
         settings={"column": column, "heldout_frac": heldout_frac, "max_chars": max_chars,
-                  "max_tokens": max_tokens, "near_dup_threshold": near_dup_threshold})
+                  "max_tokens": max_tokens, "near_dup_threshold": near_dup_threshold,
+                  "seen": [str(x) for x in _as_list(seen)]},
+        seen_prompts=len(prior))
     _write_outputs(out, recs, held, summary)
     return summary
+
+
+def _as_list(paths) -> list:
+    return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths or ())
+
+
+def _seen_records(paths) -> list[_Rec]:
+    """The prompts of earlier rounds' files (or directories of *.jsonl / *.jsonl.gz files,
+    held-out ones included) as records to compare against; a missing one is an IngestError."""
+    from tao_fast.data.prompts import read_records
+
+    files = []
+    for p in map(Path, _as_list(paths)):
+        if not p.exists():
+            raise IngestError(f"seen: {p} does not exist (an earlier round's prompt file)")
+        files += sorted(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(
+            (".jsonl", ".jsonl.gz"))) if p.is_dir() else [p]
+    return [_rec(r.messages, f"{f}:seen", -1) for f in files for r in read_records(f)]
 
 
 def _write_outputs(out: Path, recs: list[_Rec], held: list[bool], summary: IngestSummary) -> None:

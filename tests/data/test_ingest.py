@@ -419,3 +419,32 @@ def test_nothing_kept_for_training_writes_no_train_file(tmp_path, capsys):
 
     train, _ = load_prompts(DataConfig(train=str(tmp_path / "outs")), seed=0)  # tune reads on
     assert [r.text for r in train] == ["another prompt"] and capsys.readouterr().err == ""
+
+
+def test_prompts_of_earlier_rounds_are_dropped_as_seen(tmp_path):
+    """Cross-round dedup: round 2's ingest is given round 1's outputs as `seen`; an exact and a
+    near duplicate of a round-1 prompt (training or held-out) are dropped and counted."""
+    long = " ".join(f"token{i} alpha beta" for i in range(40)).replace("9", "nine")
+    r1 = [{"prompt": "Name a river in Peru."}, {"prompt": "Summarise: " + long},
+          {"prompt": "What is 2+3?"}]
+    ingest([jl(tmp_path / "w1.jsonl", r1)], tmp_path / "r1", heldout_frac=0.5)
+    assert len(kept(tmp_path / "r1")) == 3
+    r2 = [{"prompt": "  name a RIVER in peru "},  # exact (normalised) duplicate of round 1
+          {"prompt": "Summarise: " + long.replace("beta", "gamma", 1)},  # near duplicate
+          {"prompt": "What is 2+3?"},  # round 1 may have held it out: dropped all the same
+          {"prompt": "What is 2+4?"}, {"prompt": "A new question."}, {"prompt": "a new question"}]
+    seen = [tmp_path / "r1" / "train.jsonl", tmp_path / "r1" / "heldout.jsonl"]
+    seen = [p for p in seen if p.exists()]
+    s = ingest([jl(tmp_path / "w2.jsonl", r2)], tmp_path / "r2", heldout_frac=0.0, seen=seen)
+    assert s.dropped == {"seen in an earlier round": 3, "duplicate": 1}
+    assert s.seen_prompts == 3 and user_texts(tmp_path / "r2") == ["A new question.",
+                                                                   "What is 2+4?"]
+    saved = json.loads((tmp_path / "r2" / "ingest_summary.json").read_text())
+    assert saved["dropped"]["seen in an earlier round"] == 3
+    # a directory of earlier outputs works as well; without `seen` nothing is dropped as seen
+    s = ingest([tmp_path / "w2.jsonl"], tmp_path / "r2b", heldout_frac=0.0, seen=[tmp_path / "r1"])
+    assert s.dropped["seen in an earlier round"] == 3
+    s = ingest([tmp_path / "w2.jsonl"], tmp_path / "r2c", heldout_frac=0.0)
+    assert "seen in an earlier round" not in s.dropped and s.kept == 5
+    with pytest.raises(IngestError, match="seen: .*gone.jsonl does not exist"):
+        ingest([tmp_path / "w2.jsonl"], tmp_path / "r2d", seen=[tmp_path / "gone.jsonl"])
