@@ -83,7 +83,9 @@ def test_verdict_rule():
     status, line = verdict(_figures(0.60, 0.40, 0.8))
     assert status == "useful" and "it can guide tuning" in line
     status, line = verdict(_figures(0.0, 0.0, None, correct=0.0))
-    assert status == "undefined" and "every candidate is labelled incorrect" in line
+    assert status == "undefined" and "no candidate is labelled correct (oracle 0%)" in line
+    status, line = verdict(_figures(1.0, 1.0, None, correct=1.0))
+    assert status == "undefined" and "every candidate is labelled correct" in line
 
 
 def test_consensus_pick_is_the_majority_answer_scored_by_the_verifier():

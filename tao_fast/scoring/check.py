@@ -139,11 +139,15 @@ def verdict(m: dict) -> tuple[str, str]:
     one, pick = m["one_sample"]["accuracy"], m["scorer_pick"]["accuracy"]
     figures = (f"pick {100 * pick:.1f}% vs one sample {100 * one:.1f}% "
                f"(oracle {100 * m['oracle']['accuracy']:.1f}%)")
+    if m["auc"] is None and m["labelled_correct"] == 0.0:
+        return "undefined", ("no candidate is labelled correct (oracle 0%): there is no right "
+                             "answer among the samples for any scorer to reinforce, and a "
+                             "label-free one would reward something else; AUC is undefined "
+                             "(more candidates, more tokens or a higher temperature may find "
+                             "some)")
     if m["auc"] is None:
-        which = "correct" if m["labelled_correct"] == 1.0 else "incorrect"
-        return "undefined", (f"every candidate is labelled {which}: AUC is undefined and the "
-                             f"scorer cannot be judged here (more prompts, candidates or a "
-                             f"higher temperature)")
+        return "undefined", ("every candidate is labelled correct: AUC is undefined and the "
+                             "scorer cannot be judged here (harder prompts)")
     overlap = (m["scorer_pick"]["ci_low"] <= m["one_sample"]["ci_high"]
                and m["one_sample"]["ci_low"] <= m["scorer_pick"]["ci_high"])
     caveat = (f"; the 95% intervals overlap at n={m['prompts']} prompts (more with --limit)"
