@@ -1,5 +1,5 @@
-"""vLLM's own OpenAI server as `tao-fast serve --engine vllm` starts it (tao_fast/serve/vllm_server.py):
-start time (spawn -> /health 200), chat latency at 1 / 16 / 64 generated tokens (median of
+"""vLLM's own OpenAI server as `tao-fast serve --engine vllm` starts it
+(tao_fast/serve/vllm_server.py): start time (spawn -> /health 200), chat latency at 1 / 16 / 64 generated tokens (median of
 --repeats, greedy, ignore_eos), and stop time.
 
     python bench/bench_vllm_server.py [--model DIR] [--repeats 4]

@@ -6,6 +6,7 @@ writes RUN_DIR/report.md with RUN_DIR/report/*.png beside it:
     heldout.png     held-out accuracy (95% CI) before, after each round and at the end,
                     greedy and sampled pass@1, with the mean output tokens (inference cost)
     curves.png      mean reward, KL to the reference and zero-signal groups per step
+    tasks.png       with a route scorer: each task's mean reward per step (route/<task>/...)
     throughput.png  generation and training tokens/s per step
     time_split.png  where the wall time went: generation, scoring, training, weight sync
 """
@@ -213,6 +214,34 @@ def plot_curves(run: dict, path: Path) -> bool:
     return True
 
 
+def task_curves(ms: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """{task: [(step, mean reward)]} from the route scorer's route/<task>/reward_mean."""
+    out: dict[str, list] = {}
+    for x, m in zip(_steps(ms), ms):
+        for k, v in m.items():
+            if k.startswith("route/") and k.endswith("/reward_mean"):
+                out.setdefault(k[len("route/"):-len("/reward_mean")], []).append((x, v))
+    return out
+
+
+def plot_tasks(run: dict, path: Path) -> bool:
+    """Each task's mean reward per step; False (nothing drawn) without a route scorer."""
+    curves = task_curves(run["metrics"])
+    if not curves:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for task, pts in sorted(curves.items()):
+        ax.plot(*zip(*pts), marker="o", ms=3, label=task)
+    ax.set_xlabel("step")
+    ax.set_title("mean reward per step, by task (route scorer)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_throughput(run: dict, path: Path) -> bool:
     ms = run["metrics"]
     if not ms:
@@ -337,8 +366,10 @@ def render(run: dict, plots: dict[str, bool]) -> str:
             vals = [m[key] for m in ms if key in m]
             lines.append(f"- {key}: mean {sum(vals) / len(vals):.3f} over {len(vals)} steps")
         lines.append("")
-        if plots.get("curves"):
-            lines += ["![reward, KL, zero-signal groups](report/curves.png)", ""]
+        for name, title in (("curves", "reward, KL, zero-signal groups"),
+                            ("tasks", "reward per task")):
+            if plots.get(name):
+                lines += [f"![{title}](report/{name}.png)", ""]
         split = time_split(ms)
         total = sum(split.values()) or 1.0
         lines += ["## Where the time went", "", "| phase | seconds | share |",
@@ -366,7 +397,7 @@ def report(run_dir) -> Path:
     out = run["dir"] / "report"
     out.mkdir(exist_ok=True)
     plots = {name: fn(run, out / f"{name}.png") for name, fn in
-             (("heldout", plot_heldout), ("curves", plot_curves),
+             (("heldout", plot_heldout), ("curves", plot_curves), ("tasks", plot_tasks),
               ("throughput", plot_throughput), ("time_split", plot_time_split))}
     path = run["dir"] / "report.md"
     atomic_write_text(path, render(run, plots))

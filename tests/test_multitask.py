@@ -68,3 +68,18 @@ def test_a_two_task_tune_routes_scores_and_reports_per_task(tmp_path, tiny_model
     text = report(tmp_path / "run").read_text()
     assert "| chat | 1 | " in text and "- worst task: " in text
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["after"]["by_task"]
+
+
+def test_the_report_draws_each_tasks_reward_curve(tmp_path):
+    from tao_fast.report import report, task_curves
+
+    ms = [{"global_step": i, "reward_mean": 0.5, "zero_signal_frac": 0.0, "gen_tokens_per_s": 9.0,
+           "route/math/reward_mean": 0.1 * i, "route/chat/reward_mean": 1.0 - 0.1 * i}
+          for i in (1, 2, 3)]
+    assert task_curves(ms) == {"math": [(1, 0.1), (2, 0.2), (3, pytest.approx(0.3))],
+                               "chat": [(1, 0.9), (2, 0.8), (3, 0.7)]}
+    assert task_curves([{"reward_mean": 1.0}]) == {}  # no route scorer: no plot
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in ms))
+    md = report(tmp_path).read_text()
+    assert "![reward per task](report/tasks.png)" in md
+    assert (tmp_path / "report" / "tasks.png").is_file()

@@ -60,7 +60,8 @@ def test_data_train_as_a_list_and_its_errors(tmp_path):
     assert cfg.data.mixed and not load_config().data.mixed
     for bad, msg in [
             ("[{source: builtin:nope}]", r"data.train\[0\]: unknown builtin task"),
-            ("[{source: a.jsonl}, {source: b.jsonl, wieght: 2}]", r"data.train\[1\]\.wieght: unknown"),
+            ("[{source: a.jsonl}, {source: b.jsonl, wieght: 2}]",
+             r"data.train\[1\]\.wieght: unknown"),
             ("[{source: a.jsonl, weight: -1}]", r"data.train\[0\]\.weight: must be > 0"),
             ("[{source: a.jsonl, n_eval: 5}]", r"n_eval: sets a builtin task's size"),
             ("[{source: a.jsonl}, {source: a.jsonl}]", "names 'a.jsonl' twice")]:
