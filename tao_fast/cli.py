@@ -312,7 +312,7 @@ def cmd_ingest(args) -> int:
     s = ingest(args.paths, args.out, column=args.column, heldout_frac=args.heldout_frac,
                max_chars=args.max_chars or None,
                near_dup_threshold=None if args.no_near_dup else args.near_dup_threshold,
-               progress=True)
+               progress=True, seen=args.seen)
     bad = s.malformed_lines()
     for line in bad[:20]:
         print(line, file=sys.stderr)
@@ -540,6 +540,10 @@ def _add_ingest(sub) -> None:
                    "of an earlier one (default 0.9)")
     i.add_argument("--no-near-dup", action="store_true",
                    help="keep near-duplicates (exact duplicates are still removed)")
+    i.add_argument("--seen", action="append", default=[], metavar="PATH",
+                   help="an earlier round's prompts (a train.jsonl / heldout.jsonl, or an "
+                   "earlier --out directory; repeatable): their exact and near duplicates are "
+                   "dropped as 'seen in an earlier round'")
     i.set_defaults(func=cmd_ingest)
 
 

@@ -448,3 +448,14 @@ def test_prompts_of_earlier_rounds_are_dropped_as_seen(tmp_path):
     assert "seen in an earlier round" not in s.dropped and s.kept == 5
     with pytest.raises(IngestError, match="seen: .*gone.jsonl does not exist"):
         ingest([tmp_path / "w2.jsonl"], tmp_path / "r2d", seen=[tmp_path / "gone.jsonl"])
+
+
+def test_the_cli_takes_earlier_rounds_as_seen(tmp_path, capsys):
+    jl(tmp_path / "w1.jsonl", [{"prompt": "Name a river in Peru."}, {"prompt": "What is 2+3?"}])
+    assert main(["ingest", str(tmp_path / "w1.jsonl"), "--out", str(tmp_path / "r1"),
+                 "--heldout-frac", "0"]) == 0
+    jl(tmp_path / "w2.jsonl", [{"prompt": "name a river in peru"}, {"prompt": "Why is ice cold?"}])
+    assert main(["ingest", str(tmp_path / "w2.jsonl"), "--out", str(tmp_path / "r2"),
+                 "--heldout-frac", "0", "--seen", str(tmp_path / "r1")]) == 0
+    assert user_texts(tmp_path / "r2") == ["Why is ice cold?"]
+    assert "seen in an earlier round" in capsys.readouterr().out
