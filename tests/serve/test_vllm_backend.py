@@ -112,6 +112,9 @@ def test_real_vllm_server(tiny_model, tmp_path, tools):
         r = c.chat.completions.create(model="m", max_tokens=4,
                                       messages=[{"role": "user", "content": "hi"}])
         assert r.usage.completion_tokens >= 1
+        chunks = list(c.chat.completions.create(  # streamed through the proxy: vLLM's tokens
+            model="m", max_tokens=4, stream=True, messages=[{"role": "user", "content": "hi"}]))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     finally:
         srv.should_exit = True
         thread.join(10)
