@@ -41,12 +41,12 @@ from tqdm.auto import tqdm
 
 from tao_fast.checkpoint import save_checkpoint
 from tao_fast.config import ConfigError, ResumeError, TaoConfig, load_config, save_config
-from tao_fast.data.prompts import encode_prompt, read_fewshot, read_jsonl
+from tao_fast.data.prompts import encode_prompt, read_fewshot
 from tao_fast.data.mix import mix_order, plan_mix, pool_of_mix
 from tao_fast.data.follow import FollowTimeout, Follower, follow_config
 from tao_fast.data.follow import held_out as follow_held_out
 from tao_fast.data.rounds import prompt_id, read_manifest
-from tao_fast.data.sources import load_sources
+from tao_fast.data.sources import held_out, load_sources
 from tao_fast.dtypes import dtype_name, sampler_dtype, torch_dtype
 from tao_fast.eval import EvalResult, evaluate
 from tao_fast.fileio import atomic_write_lines
@@ -213,9 +213,8 @@ class TaoRecipe:
         self.setup_follow()  # data.follow: its first round's prompts, once a spec is known good
         self.sources = load_sources(cfg.data, cfg.run.seed)
         self.train_prompts = [r for s in self.sources for r in s.train]
-        self.held_out = (read_jsonl(cfg.data.eval) if cfg.data.eval
-                         else follow_held_out(self.run_dir) if cfg.data.follow  # a fixed set
-                         else [r for s in self.sources for r in s.held])
+        self.held_out = (follow_held_out(self.run_dir) if cfg.data.follow and not cfg.data.eval
+                         else held_out(cfg.data, self.sources))  # follow: a fixed set
         for s, recs in ((self.scorer, self.train_prompts), (self.eval_scorer, self.held_out)):
             if recs:
                 s.check(recs)

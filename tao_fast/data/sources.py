@@ -74,9 +74,12 @@ def load_prompts(data: DataConfig, seed: int) -> tuple[list[PromptRecord], list[
     now (rounds take it in parts, tao_fast/data/rounds.py); held-out is data.eval's file when
     set, else the builtin tasks' held-out splits."""
     srcs = load_sources(data, seed)
-    train = [r for s in srcs for r in s.train]
-    held = read_jsonl(data.eval) if data.eval else [r for s in srcs for r in s.held]
-    return train, held
+    return [r for s in srcs for r in s.train], held_out(data, srcs)
+
+
+def held_out(data: DataConfig, srcs: list[SourcePrompts]) -> list[PromptRecord]:
+    """The held-out prompts: data.eval's file when set, else the builtin tasks' splits."""
+    return read_jsonl(data.eval) if data.eval else [r for s in srcs for r in s.held]
 
 
 def _train_files(train: str) -> list[PromptRecord]:
