@@ -9,7 +9,8 @@
 #   loss      105 s   linear_logprob / pg_loss vs eager torch, Liger, CCE, cuBLAS (3 shapes)
 #   attention  65 s   varlen attention: Triton vs padded SDPA (flash-attn if present)
 #   learner   175 s   learner step (0.5B, 1.5B): tao-fast vs transformers and Liger
-#   flex       65 s   FlexAttention, last (torch.compile)
+#   lora       65 s   LoRA (1.5B shape): log-probs vs float64, step time and memory vs full
+# (FlexAttention, a peer, runs only with --only flex: the LoRA step took its place)
 # = 485 s of limits + 5 s kill grace each + ~25 s probe and install: <= 535 s (gpu_suite.py's
 # STEPS give each limit's estimate). Every row is printed and appended to $OUT/results.jsonl as
 # it is measured; $OUT also gets summary.md (rewritten after each step) and one STEP.log per

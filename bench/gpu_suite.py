@@ -11,7 +11,8 @@ Steps, in this order (limit = GPU time limit in seconds; how each was sized is i
     loss       bench/gpu_loss_kernels.py   fused linear log-prob and pg_loss vs peers
     attention  bench/gpu_attention.py      varlen attention: Triton, padded SDPA, flash-attn
     learner    bench/gpu_learner_step.py   forward + backward + AdamW, tokens/s and MFU
-    flex       bench/gpu_attention.py      FlexAttention (torch.compile; last: it compiles)
+    lora       bench/gpu_lora.py           LoRA: log-probs vs float64, step and memory vs full
+    flex       bench/gpu_attention.py      FlexAttention (torch.compile): only with --only flex
     vllm_sync  bench/gpu_vllm_sync.py      weight sync into vLLM: only with --only vllm_sync
                                            (the GPU machine has no vLLM; not in the 9 minutes)
 A step that crashes, fails or runs past its limit is recorded as such and the next step runs.
@@ -92,10 +93,16 @@ STEPS = (
                   "provider-size runs x (build ~4 s + 4 steps x ~1 s at ~42k tokens) = ~65 s "
                   "+ Liger GRPO's torch.compile ~30 s + matched-memory re-runs ~15 s + startup "
                   "~15 s = ~165 s"),
+    Step("lora", "gpu_lora.py", "LoRA: log-probs vs float64, step time and memory vs full",
+         limit_s=65,
+         estimate="1.5B-shaped init + copies ~8 s + check (4 forwards, fp64 oracle) ~8 s + 2 "
+                  "arms x (1 warm-up + 3 steps) x ~2 s at ~12k tokens + Triton compiles "
+                  "(cached by the earlier steps) ~5 s + startup ~10 s = ~50 s"),
+    # FlexAttention, a peer: only with --only flex since the LoRA step took its 65 s
     Step("flex", "gpu_attention.py", "FlexAttention (torch.compile)",
          common=("--providers", "flex", "--force"), limit_s=65,
          estimate="check (uncompiled) ~5 s + torch.compile of fwd+bwd ~20 s x 2 head dims + "
-                  "10 timings ~5 s + startup ~10 s = ~60 s"),
+                  "10 timings ~5 s + startup ~10 s = ~60 s", optional=True),
     Step("vllm_sync", "gpu_vllm_sync.py", "weight sync into vLLM", limit_s=120,
          estimate="not in the 9-minute run: no vLLM on the GPU machine", optional=True),
 )
@@ -107,7 +114,7 @@ DRY_TIMEOUT = 300  # --dry-run, per step, on a slow shared CPU
 CORRECTNESS_FAILED = re.compile(r"correctness (check )?failed", re.I)
 BY_NAME = {s.name: s for s in STEPS}
 SCRIPT_NAMES = {"gpu_smoke": "smoke", "gpu_loss_kernels": "loss", "gpu_attention": "attention",
-                "gpu_learner_step": "learner", "gpu_vllm_sync": "vllm_sync",
+                "gpu_learner_step": "learner", "gpu_vllm_sync": "vllm_sync", "gpu_lora": "lora",
                 "loss_kernels": "loss", "learner_step": "learner"}
 
 

@@ -44,6 +44,53 @@ def check_sampling(n: int, temperature: float, top_p: float, max_tokens: int,
     _check(max_tokens >= 1, f"{where}max_tokens", f"must be >= 1, got {max_tokens}")
 
 
+# PEFT's names of the decoder's linear layers (model.lora.target_modules); the fused qkv_proj and
+# gate_up_proj get one A/B pair per part (tao_fast/models/lora.py)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    """model.lora: low-rank adapters on the frozen base (tao_fast/models/lora.py). rank 0 (the
+    default) tunes every weight instead."""
+    rank: int = 0  # r of each adapter; 0 = full-weight tuning
+    alpha: float = 32.0  # the update is (alpha / rank) * B @ A
+    dropout: float = 0.0  # on the adapters' input, while training
+    # PEFT module names, as a list or joined by commas; all-linear = all seven
+    target_modules: str | list = "all-linear"
+    # the frozen base's dtype: auto = bfloat16 on a GPU or a CPU with native bf16 matmuls, else
+    # model.dtype (bf16 GEMMs ran 4-5x slower than fp32 on a CPU without them); the adapters
+    # and their AdamW state are fp32
+    base_dtype: str = "auto"
+
+    def __post_init__(self):
+        _check(self.rank >= 0, "model.lora.rank", f"must be >= 0 (0 = full-weight), got "
+               f"{self.rank}")
+        _check(self.alpha > 0, "model.lora.alpha", f"must be > 0, got {self.alpha}")
+        _check(0 <= self.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got "
+               f"{self.dropout}")
+        _one_of(self.base_dtype, ("auto", *WEIGHT_DTYPES), "model.lora.base_dtype")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        _check(not bad and bool(self.targets), "model.lora.target_modules",
+               f"must be all-linear or some of {list(LORA_TARGETS)}, got {self.target_modules!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """target_modules as PEFT names, each once, in LORA_TARGETS' order."""
+        names = self.target_modules
+        if isinstance(names, str):
+            names = [n.strip() for n in names.strip("[]").split(",") if n.strip()]
+        if list(names) == ["all-linear"]:
+            return LORA_TARGETS
+        names = [str(n) for n in names]
+        return tuple([t for t in LORA_TARGETS if t in names]
+                     + [n for n in dict.fromkeys(names) if n not in LORA_TARGETS])
+
+
 @dataclass
 class ModelConfig:
     """The model section; tao_fast.models.load_model(ModelConfig) reads path, dtype and
@@ -56,6 +103,7 @@ class ModelConfig:
     # state stay): auto = bfloat16 on a CPU with native bf16 matmuls (AMX-BF16 / AVX512-BF16),
     # else none | bfloat16 | none (tao_fast/dtypes.py learner_autocast)
     autocast: str = "auto"
+    lora: LoraConfig = field(default_factory=LoraConfig)  # rank > 0: train adapters only
 
     def __post_init__(self):
         _one_of(self.dtype, WEIGHT_DTYPES, "model.dtype")
@@ -205,6 +253,10 @@ class RolloutConfig:
     enforce_eager: bool | str = "auto"  # true | false (compiled, CUDA graphs) | auto (eager on CPU)
     weight_sync: str = "auto"  # shared (vLLM's tensors = the learner's) | reload (vLLM's own
     # in-place reload; keeps its packed CPU GEMMs) | auto (shared): tao_fast/rollout/vllm/weights.py
+    # model.lora with vLLM: how the adapter reaches it after each update: memory (vLLM's LoRA
+    # model built from the tensors) | disk (a PEFT directory vLLM reloads) | auto (memory, disk
+    # where that fails): tao_fast/rollout/vllm/adapter.py
+    lora_sync: str = "auto"
     # under torchrun: ranks per vLLM engine (its tensor-parallel degree; must divide the world);
     # 1 = every rank runs its own whole-model vLLM on its share of the prompts
     tensor_parallel: int = 1
@@ -218,6 +270,7 @@ class RolloutConfig:
                f"must be >= 0 (0 = the model's maximum), got {self.max_model_len}")
         _one_of(self.enforce_eager, (True, False, "auto"), "rollout.enforce_eager")
         _one_of(self.weight_sync, ("auto", "shared", "reload"), "rollout.weight_sync")
+        _one_of(self.lora_sync, ("auto", "memory", "disk"), "rollout.lora_sync")
         _check(self.tensor_parallel >= 1, "rollout.tensor_parallel", "must be >= 1")
         _check(self.tensor_parallel == 1 or self.weight_sync != "shared",
                "rollout.tensor_parallel", "> 1 shards vLLM's weights, which the learner's whole "
@@ -406,6 +459,9 @@ class RunConfig:
     # experiment trackers (tao_fast/tracking.py): none, or some of REPORT_TO joined by commas
     # ("tensorboard,wandb"); files under the run directory, offline
     report_to: str = "none"
+    # model.lora: besides the PEFT adapter in checkpoint-roundN/, the base with the adapter
+    # merged in, an HF checkpoint in checkpoint-roundN/merged/ (run.checkpoint_dtype)
+    merge_lora: bool = False
 
     REPORT_TO = ("tensorboard", "wandb", "trackio")  # not a field: the trackers' names
 
@@ -438,6 +494,11 @@ class TaoConfig:
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        _check(not self.run.merge_lora or self.model.lora.enabled, "run.merge_lora",
+               "merges a LoRA adapter into its base: set model.lora.rank > 0 (a full-weight "
+               "run's checkpoint is the whole model already)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from tao_fast.config import ConfigError
-from tao_fast.rl.state import estimate_bytes
+from tao_fast.rl.state import estimate_bytes, trainable
 
 
 def check_writable(run_dir: Path) -> None:
@@ -25,14 +25,17 @@ def check_writable(run_dir: Path) -> None:
 
 
 def check_space(run_dir: Path, model, keep_states: int,
-                ckpt_dtype: torch.dtype | None = None) -> None:
+                ckpt_dtype: torch.dtype | None = None, merged: bool = False) -> None:
     """Before a round's work: room for what the round writes, or a clear error now rather than
     a failed save after the round's compute is spent. That is its checkpoint and, with
     run.keep_states = k > 0, training states: a new one is written beside the k kept ones and
     the oldest goes once it is complete, so the disk holds up to k + 1; those already there
     take space already."""
-    ckpt = sum(p.numel() * (ckpt_dtype.itemsize if ckpt_dtype else p.element_size())
-               for p in model.parameters())
+    whole = sum(p.numel() * (ckpt_dtype.itemsize if ckpt_dtype else p.element_size())
+                for p in model.parameters() if not p.requires_grad or model.lora_config is None)
+    # a LoRA checkpoint: the fp32 adapters (+ the merged model with run.merge_lora)
+    ckpt = whole if model.lora_config is None else (
+        sum(p.numel() * 4 for p in trainable(model).values()) + (whole if merged else 0))
     have = len(list((run_dir / "state").glob("step-" + "[0-9]" * 6)))
     n_states = max(keep_states + 1 - have, 1) if keep_states else 0
     need = ckpt + n_states * estimate_bytes(model)

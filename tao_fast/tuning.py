@@ -291,7 +291,12 @@ class TaoRecipe:
             self.encode(self.held_out, cfg.eval.max_tokens, "eval.max_tokens",
                         cfg.rollout.prompt_strategy)
         n_params = sum(p.numel() for p in self.model.parameters())
-        log(f"[tao-fast] model {self.model_dir} ({n_params / 1e6:.1f}M params), "
+        n_train = sum(p.numel() for p in self.learner.trainable)
+        lo = cfg.model.lora
+        trains = (f"LoRA rank {lo.rank} on {','.join(lo.targets)}: {n_train / 1e6:.2f}M "
+                  f"trained, base frozen in {dtype_name(self.model.embed_tokens.weight.dtype)}"
+                  if lo.enabled else "all trained")
+        log(f"[tao-fast] model {self.model_dir} ({n_params / 1e6:.1f}M params, {trains}), "
             f"{len(self.train_prompts)} training prompts, {len(self.held_out)} held-out, scorer "
             f"{self.scorer.name} (held-out scored by {self.eval_scorer.name})")
 
@@ -443,7 +448,8 @@ class TaoRecipe:
                     if cfg.data.mixed else ""))
         self.encode_training(self.pool)  # the prompts of files that arrived since setup
         self.encoded = [self.train_ids[prompt_id(r)] for r in self.pool]
-        check_space(self.run_dir, self.model, cfg.run.keep_states, self.checkpoint_dtype)
+        check_space(self.run_dir, self.model, cfg.run.keep_states, self.checkpoint_dtype,
+                    merged=cfg.run.merge_lora)
 
     def encode(self, records, max_tokens: int, key: str, strategy: str) -> list[list[int]]:
         """Token ids of the records' prompts (chat template, `strategy`), each checked to
@@ -559,7 +565,7 @@ class TaoRecipe:
                     m = self.learner.step(samples)
                 t3 = time.perf_counter()
                 with phase("tao/sync"):
-                    self.engine.load_weights(self.learner.named_full_parameters())
+                    self.engine.load_weights(self.learner.named_sync_parameters())
                 t4 = time.perf_counter()
             finally:
                 with phase("tao/wake"):
@@ -607,7 +613,8 @@ class TaoRecipe:
                 save_checkpoint(whole, self.tokenizer, self.result.checkpoint,
                                 extra={"round": rnd, "steps": self.learner.steps_done,
                                        "base_model": str(self.model_dir)},
-                                dtype=self.checkpoint_dtype)
+                                dtype=self.checkpoint_dtype, base_model=str(self.model_dir),
+                                merge=self.cfg.run.merge_lora)
         log(f"[tao-fast] round {rnd}: checkpoint {self.result.checkpoint}")
         if self.cfg.eval.after and rnd < self.last_round and not self.stop.requested:
             self.evaluate(f"round{rnd}")

@@ -112,6 +112,9 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    # model.lora's config once tao_fast.models.lora.apply_lora put adapters on it; None: plain
+    lora_config = None
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args

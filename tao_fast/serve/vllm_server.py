@@ -37,6 +37,9 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tao_fast.models.lora import ADAPTER_CONFIG
+from tao_fast.rollout.vllm.adapter import VLLM_RANKS
+
 ENTRY = "vllm.entrypoints.launchers.api_server.entry"  # vLLM 0.32's `vllm serve` server
 TAIL_LINES = 40  # how much of the child's log a failure quotes
 
@@ -152,13 +155,19 @@ class VllmServer:
                  port: int | None = None, max_model_len: int = 0, kv_cache_gb: float = 1.0,
                  extra_args: tuple[str, ...] = (), log_path=None, dtype: str = "auto",
                  env: Mapping[str, str] | None = None):
-        """model_dir: an HF model directory (config.json, weights, tokenizer); served_name: the
+        """model_dir: an HF model directory (config.json, weights, tokenizer), or a PEFT LoRA
+        adapter directory (served as its base_model_name_or_path + the adapter, under
+        served_name; the base alone as served_name-base); served_name: the
         model name /v1/models lists and requests use; port None: a free one; max_model_len 0:
         the model's own; kv_cache_gb: the KV cache vLLM allocates (CPU: of RAM, GPU: of device
         memory); extra_args: more `vllm serve` flags, after ours (so they win); log_path: the
         child's log (default a temp file); dtype: vLLM's --dtype (auto: see resolve_dtype);
         env: extra environment variables for the child."""
         self.model_dir = Path(model_dir)
+        # a LoRA adapter directory (adapter_config.json, no config.json): its config
+        self.adapter = (json.loads((self.model_dir / ADAPTER_CONFIG).read_text())
+                        if (self.model_dir / ADAPTER_CONFIG).is_file()
+                        and not (self.model_dir / "config.json").exists() else None)
         self.served_name, self.host, self.max_model_len = served_name, host, max_model_len
         self._fixed_port, self.port = port, port
         self.kv_cache_gb, self.extra_args, self.dtype = kv_cache_gb, tuple(extra_args), dtype
@@ -185,9 +194,15 @@ class VllmServer:
     def command(self) -> list[str]:
         """The child's command line: the bootstrap (_BOOT), this pid, vLLM's server flags."""
         cpu = on_cpu()
-        args = ["--model", str(self.model_dir), "--served-model-name", self.served_name,
+        base, lora_args = self.model_dir, []
+        if self.adapter is not None:  # vLLM serves the base and the adapter by our name
+            base, rank = Path(self.adapter["base_model_name_or_path"]), int(self.adapter["r"])
+            lora_args = ["--served-model-name", f"{self.served_name}-base", "--enable-lora",
+                         "--max-lora-rank", str(min(r for r in VLLM_RANKS if r >= rank)),
+                         "--lora-modules", f"{self.served_name}={self.model_dir}"]
+        args = ["--model", str(base), *(lora_args or ["--served-model-name", self.served_name]),
                 "--host", self.host, "--port", str(self.port),
-                "--dtype", resolve_dtype(self.dtype, self.model_dir, cpu),
+                "--dtype", resolve_dtype(self.dtype, base, cpu),
                 # /health is polled every 0.25 s at start; tao-fast serve logs requests itself
                 "--disable-uvicorn-access-log"]
         if self.kv_cache_gb > 0:
@@ -198,7 +213,7 @@ class VllmServer:
             # ~100 s at start; a seeded request after a chunked prefill fails on CPU
             # generators ("CPU Generator does not use offset"), so a step must hold a prompt
             args += ["--enforce-eager", "--no-enable-chunked-prefill", "--max-num-batched-tokens",
-                     str(max(2048, _max_context(self.model_dir, self.max_model_len)))]
+                     str(max(2048, _max_context(base, self.max_model_len)))]
         return [sys.executable, "-c", _BOOT, str(os.getpid()), *args, *self.extra_args]
 
     def _child_env(self, cpu: bool) -> dict[str, str]:
@@ -222,9 +237,9 @@ class VllmServer:
         free_port() and vLLM's bind is retried with a new one (port=None only)."""
         if self.proc is not None and self.proc.poll() is None:
             return
-        if not (self.model_dir / "config.json").is_file():
+        if not (self.model_dir / "config.json").is_file() and self.adapter is None:
             raise VllmServerError(f"vLLM server: {self.model_dir} is not a model directory "
-                                  f"(no config.json); nothing was started")
+                                  f"(no config.json) nor a LoRA adapter; nothing was started")
         for attempt in range(3):
             try:
                 return self._start_once(timeout_s)

@@ -69,7 +69,7 @@ def test_a_crash_or_timeout_never_stops_the_next_step_and_rows_survive(tmp_path)
 def test_default_limits_fit_the_nine_minute_device_run():
     mod = _suite()
     run = [s for s in mod.STEPS if not s.optional]
-    assert [s.name for s in run] == ["smoke", "loss", "attention", "learner", "flex"]
+    assert [s.name for s in run] == ["smoke", "loss", "attention", "learner", "lora"]
     assert mod.default_budget_s() <= mod.DEVICE_BUDGET_S == 540
     assert all(s.estimate and s.limit_s > 0 for s in mod.STEPS)
     files = 2 + len(run)  # results, summary and one log per step
@@ -117,3 +117,16 @@ def test_device_run_dry_run_writes_metadata_tables_and_few_files(tmp_path):
     md = (tmp_path / "summary_dry.md").read_text()
     assert "| loss | " in md and "| ok |" in md and "| torch-eager |" in md
     assert not (tmp_path / "results.jsonl").exists()  # a dry run never overwrites GPU results
+
+
+def test_gpu_lora_dry_run_checks_and_times_both_arms(tmp_path):
+    """bench/gpu_lora.py's CPU dry run: the float64 check passes and both arms get a row."""
+    mod = load("gpu_lora")
+    out = tmp_path / "lora.jsonl"
+    assert mod.main(["--dry-run", "--jsonl", str(out)]) == 0
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["ok"] for r in recs if r["kind"] == "check"] == [True]
+    rows = {r["arm"]: r for r in recs if r["kind"] == "row"}
+    assert set(rows) == {"lora", "full"} and all("error" not in r for r in rows.values())
+    assert rows["lora"]["trained_m"] < rows["full"]["trained_m"]
+    assert rows["lora"]["sync_mib"] < rows["full"]["sync_mib"] / 4

@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 import yaml
 from safetensors.torch import load_file
 
-from tao_fast.config import RLConfig
+from tao_fast.config import LoraConfig, RLConfig
+from tao_fast.models import lora
 from tao_fast.models.config import ModelArgs
 from tao_fast.models.llama import Transformer
 from tao_fast.rl import distributed, fsdp, rollout_shards
@@ -64,12 +65,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tiny_model():
+def _tiny_model(lora_rank=0):
     torch.manual_seed(0)
     args = ModelArgs(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2,
                      num_heads=2, num_kv_heads=1)
     model = Transformer(args)
     model.ops_backend = "torch"
+    if lora_rank:  # the frozen base + fp32 adapters (FSDP2: base sharded, adapters whole)
+        lora.apply_lora(model, LoraConfig(rank=lora_rank), torch.float32)
     return model
 
 
@@ -89,18 +92,25 @@ def _cfg(parallel="auto", updates=1):
                     epochs=updates, minibatches=updates)
 
 
-def _worker(rank, world, port, out_dir, parallel, skew, updates):
+def _worker(rank, world, port, out_dir, parallel, skew, updates, lora_rank=0):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     distributed.init(timeout_s=60)
-    learner = Learner(_tiny_model(), _cfg(parallel, updates), temperature=1.0,
+    learner = Learner(_tiny_model(lora_rank), _cfg(parallel, updates), temperature=1.0,
                       ops_backend="torch")
     batch = _batch()
     if skew:  # one long sequence and short ones: the ranks get unequal micro-batch counts
         batch = [Sample(list(range(40)), 2, 1.0, [-0.5] * 38)] + batch
     stats = [learner.step(batch) for _ in range(2)]
     weights = {k: v.detach().clone() for k, v in learner.named_full_parameters()}
+    if lora_rank:  # the adapters are whole on every rank: the state needs no gather
+        assert learner.full_state() == {} and learner.checkpoint_model() is learner.model
+        if rank == 0:
+            save_state(out_dir, 2, learner.model, learner.opt, learner.sched, {})
+            torch.save({"stats": stats, "weights": weights}, os.path.join(out_dir, "dist.pt"))
+        distributed.shutdown()
+        return
     full = learner.full_state()  # FSDP: gathered to rank 0; every rank takes part
     whole = learner.checkpoint_model()  # FSDP: assembled on rank 0 alone
     replica = learner.full_model()  # FSDP: the whole-weight replica on every rank
@@ -114,24 +124,26 @@ def _worker(rank, world, port, out_dir, parallel, skew, updates):
     distributed.shutdown()
 
 
-@pytest.mark.parametrize("parallel,skew,updates", [("ddp", False, 1), ("fsdp", True, 1),
-                                                    ("fsdp", True, 2)])
-def test_two_rank_learner_step_equals_one_rank(tmp_path, parallel, skew, updates):
+@pytest.mark.parametrize("parallel,skew,updates,lora_rank", [
+    ("ddp", False, 1, 0), ("fsdp", True, 1, 0), ("fsdp", True, 2, 0), ("fsdp", True, 1, 2)])
+def test_two_rank_learner_step_equals_one_rank(tmp_path, parallel, skew, updates, lora_rank):
     """Each rank trains its token share of the same batch; the summed gradients (DDP: one
     all-reduce; FSDP2: reduce-scatter with divide factor 1) give the 1-rank update.
     Tolerance: the sums run in another order (per-rank micro-batches, then the collective),
     so fp32 rounding differs at ~1e-7 relative; 1e-5 covers two Adam steps. `skew` gives the
     ranks unequal micro-batch counts: FSDP pads the short rank with zero-weight passes.
     `updates` 2: each step is 2 epochs x 2 minibatches, each rank computing the old log-probs
-    of the samples it will train in any of them."""
+    of the samples it will train in any of them. `lora_rank` 2: LoRA under FSDP2, the frozen
+    base sharded and the adapters replicated (their gradients all-reduced)."""
     torch.set_num_threads(1)
-    one = Learner(_tiny_model(), _cfg(updates=updates), temperature=1.0, ops_backend="torch")
+    one = Learner(_tiny_model(lora_rank), _cfg(updates=updates), temperature=1.0,
+                  ops_backend="torch")
     batch = _batch()
     if skew:
         batch = [Sample(list(range(40)), 2, 1.0, [-0.5] * 38)] + batch
     want = [one.step(batch) for _ in range(2)]
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), parallel, skew, updates), nprocs=2,
-             join=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), parallel, skew, updates, lora_rank),
+             nprocs=2, join=True)
     got = torch.load(tmp_path / "dist.pt")
     for a, b in zip(want, got["stats"]):
         assert b["samples"] == a["samples"] == len(batch)
@@ -143,6 +155,8 @@ def test_two_rank_learner_step_equals_one_rank(tmp_path, parallel, skew, updates
         assert b["micro_batches"] >= 2
     for k, v in one.model.state_dict().items():
         torch.testing.assert_close(got["weights"][k], v, rtol=1e-5, atol=1e-6)
+    if lora_rank:
+        return _lora_resumes(one, batch, tmp_path, updates)
     for k, v in got["weights"].items():  # the checkpoint and the replica: the same gathers
         assert torch.equal(got["checkpoint"][k], v) and torch.equal(got["replica"][k], v), k
     assert set(got["checkpoint"]) == set(got["replica"]) == set(got["weights"])
@@ -153,6 +167,20 @@ def test_two_rank_learner_step_equals_one_rank(tmp_path, parallel, skew, updates
     resumed = Learner(_tiny_model(), _cfg(updates=updates), temperature=1.0, ops_backend="torch")
     load_state(latest_state(tmp_path), resumed.model, resumed.opt, resumed.sched)
     resumed.steps_done = one.steps_done  # as the recipe restores it (the minibatch shuffle's seed)
+    a, b = one.step(batch), resumed.step(batch)
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    for (k, v), w in zip(one.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(w, v, rtol=1e-5, atol=1e-6)
+
+
+def _lora_resumes(one, batch, tmp_path, updates):
+    """The 2-rank LoRA state (the adapters alone) resumes in one process to the same step."""
+    assert any(lora.is_adapter(n) and p.abs().max() > 0 and ".lora_B." in n
+               for n, p in one.model.named_parameters())  # the adapters did train
+    resumed = Learner(_tiny_model(2), _cfg(updates=updates), temperature=1.0,
+                      ops_backend="torch")
+    load_state(latest_state(tmp_path), resumed.model, resumed.opt, resumed.sched)
+    resumed.steps_done = one.steps_done
     a, b = one.step(batch), resumed.step(batch)
     assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
     for (k, v), w in zip(one.model.named_parameters(), resumed.model.parameters()):

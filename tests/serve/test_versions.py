@@ -100,3 +100,30 @@ def test_new_round_is_served_and_in_flight_request_finishes(start, tiny_model, t
     assert sorted(r["model_version"] for r in recs) == ["checkpoint-round1", "checkpoint-round2"]
     assert httpx.get(run.url + "/health").json()["status"] == "ok"
     json.dumps(h)
+
+
+def test_a_lora_round_is_a_version_served_as_base_plus_adapter(tmp_path, tiny_model, tools):
+    """A model.lora run's checkpoint-roundN is a PEFT adapter (no config.json): a complete
+    round, loaded by the torch backend with its base merged, and given to vLLM's server as
+    --model BASE --lora-modules NAME=ADAPTER."""
+    from tao_fast.checkpoint import save_checkpoint
+    from tao_fast.config import LoraConfig, ModelConfig
+    from tao_fast.models import load_model
+    from tao_fast.serve.vllm_server import VllmServer
+
+    run = make_run(tmp_path, tiny_model, tools, n_rounds=1)
+    model, tok, _ = load_model(ModelConfig(path=str(tiny_model), lora=LoraConfig(rank=4)))
+    save_checkpoint(model, tok, run / "checkpoint-round2", base_model=str(tiny_model))
+    assert not (run / "checkpoint-round2" / "config.json").exists()
+    v, _ = initial_version(str(run))
+    assert (v.name, v.round) == ("checkpoint-round2", 2)
+    assert v.fingerprint.startswith("checkpoint-round2-")
+    served, _, base_dir = load_model(v.path)  # the torch backend's load: base + adapter merged
+    assert str(base_dir) == str(tiny_model) and served.lora_config is None
+    server = VllmServer(v.path, served_name="tuned")
+    server.port = 8000
+    args = server.command()
+    assert args[args.index("--model") + 1] == str(tiny_model)
+    assert args[args.index("--lora-modules") + 1] == f"tuned={v.path}"
+    assert args[args.index("--max-lora-rank") + 1] == "8" and "--enable-lora" in args
+    assert args[args.index("--served-model-name") + 1] == "tuned-base"

@@ -43,7 +43,8 @@ from tao_fast.rollout.protocol import (
     decode_response,
     stop_token_ids,
 )
-from tao_fast.rollout.vllm import compat, kv, weights
+from tao_fast.models import lora
+from tao_fast.rollout.vllm import adapter, compat, kv, weights
 
 CPU_KV_BYTES = 2**30  # the CPU backend's memory share is of all RAM: its cache is sized instead
 
@@ -64,6 +65,8 @@ class VllmEngine(Engine):
 
         self.vllm_version = vllm.__version__
         self.tokenizer, self.learner, self.args = tokenizer, learner, learner.args
+        self.lora = learner.lora_config  # model.lora: vLLM serves the base + the adapter
+        self.adapter: adapter.AdapterSync | None = None
         self.on_cpu = current_platform.is_cpu()
         self.device = torch.device("cpu") if self.on_cpu else dist_.device()
         self.dtype = sampler_dtype(ro.dtype, learner.embed_tokens.weight.dtype, self.device)
@@ -89,15 +92,15 @@ class VllmEngine(Engine):
         self.start_seconds = time.perf_counter() - t0
         self._asleep = False
         self.stats: dict = {}
-        self._attach(kv_kind)
+        self._attach(kv_kind, ro, model_dir)
         # resumed / non-disk weights go in now; a sharded (FSDP) learner, which only a TP
         # engine gets (reload sync), is gathered one tensor at a time (every rank is here)
         self.load_weights(fsdp.full_named_parameters(learner) if fsdp.is_sharded(learner)
                           else learner.named_parameters())
 
-    def _attach(self, kv_kind: type[kv.KvSleep]) -> None:
-        """Once vLLM runs: its model runner and model, the KV-cache sleep path, and the
-        learner's tensors bound to vLLM's (`sync`, `sync_path`)."""
+    def _attach(self, kv_kind: type[kv.KvSleep], ro: RolloutConfig, model_dir: Path) -> None:
+        """Once vLLM runs: its model runner and model, the KV-cache sleep path, the learner's
+        tensors bound to vLLM's (`sync`, `sync_path`) and, with LoRA, the adapter's path."""
         worker = self.llm.collective_rpc(lambda w: w)[0]
         # in-process, vLLM 0.32 hands back its worker wrapper (the worker under `.worker`) on
         # some platforms and the worker itself on others
@@ -107,6 +110,9 @@ class VllmEngine(Engine):
         self.sync = weights.bind(self.llm, self._vmodel, self.learner, self.weight_sync,
                                  self.dtype, self.device)
         self.sync_path = self.sync.path
+        if self.lora is not None:
+            self.adapter = adapter.AdapterSync(self.llm, self._runner, self.lora,
+                                               str(model_dir), ro.lora_sync)
 
     def _llm_kwargs(self, model_dir: Path, ro: RolloutConfig, seed: int, kv_bytes: int | None,
                     world: int, sleep_mode: bool) -> dict:
@@ -115,7 +121,7 @@ class VllmEngine(Engine):
         # CUDA graphs pay
         eager = self.on_cpu if ro.enforce_eager == "auto" else ro.enforce_eager
         kwargs = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype_name(self.dtype),
-                      seed=seed,
+                      seed=seed, **(adapter.vllm_lora_kwargs(self.lora) if self.lora else {}),
                       enforce_eager=bool(eager), logprobs_mode="processed_logprobs",
                       gpu_memory_utilization=ro.gpu_memory_utilization,
                       enable_prefix_caching=True, enable_sleep_mode=sleep_mode)
@@ -162,9 +168,19 @@ class VllmEngine(Engine):
     # ----------------------------------------------------------------- Engine protocol
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Bring the learner's weights (its fused names) into vLLM in place (the bound sync
-        path); reset the prefix cache. `stats` gets sync_seconds and sync_path."""
+        path); with LoRA, adapter tensors go to vLLM's LoRA slot (the adapter's path) and base
+        tensors, given once at the start, to the base. Resets the prefix cache. `stats` gets
+        sync_seconds and sync_path."""
         t0 = time.perf_counter()
-        self.sync.load(named_tensors)
+        base, adapters = [], []
+        for n, t in named_tensors:
+            (adapters if lora.is_adapter(n) else base).append((n, t))
+        # the reload path reads the base from model_dir itself; a LoRA base never changes
+        if base and not (self.lora is not None and self.sync.path == "reload"):
+            self.sync.load(base)
+        if adapters:
+            self.adapter.load(adapters)
+            self.sync_path = self.adapter.path
         self.llm.reset_prefix_cache()
         self.stats.update(sync_seconds=time.perf_counter() - t0, sync_path=self.sync_path)
 
@@ -203,7 +219,8 @@ class VllmEngine(Engine):
         t0 = time.perf_counter()
         with PeakMemory(self.device) as peak:
             outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts],
-                                     self._vllm_sampling(sampling), use_tqdm=progress)
+                                     self._vllm_sampling(sampling), use_tqdm=progress,
+                                     lora_request=self.adapter and self.adapter.request)
         secs = time.perf_counter() - t0
         ro = self._rollouts(prompts, outs)
         ntok = ro.num_tokens
@@ -239,6 +256,8 @@ class VllmEngine(Engine):
         """Release vLLM's engine (tests and benchmarks that start several)."""
         if self.llm is None:
             return
+        if self.adapter is not None:
+            self.adapter.close()
         try:
             self.llm.llm_engine.engine_core.shutdown()  # vLLM 0.32's in-process engine core
         except Exception:  # noqa: BLE001

@@ -23,6 +23,7 @@ import torch
 
 from tao_fast.config import RolloutConfig
 from tao_fast.models.config import ModelArgs
+from tao_fast.models.lora import is_adapter
 from tao_fast.models.weights import hf_name, to_hf
 
 # weight_sync=auto on the CPU backend. Measured (bench/bench_rollout.py, bench/RESULTS.md): the
@@ -30,6 +31,7 @@ from tao_fast.models.weights import hf_name, to_hf
 # is 5-25x faster than a reload; per step of the demo's size they cancel, and sharing is the design
 CPU_AUTO_SYNC = "shared"
 _EMBED = "model.embed_tokens.weight"
+BASE_LAYER = ".base_layer"  # vLLM's LoRA layers hold the layer they wrap under this name
 
 
 def resolve_sync(ro: RolloutConfig, on_cpu: bool) -> str:
@@ -103,13 +105,19 @@ class SharedSync:
             torch.cuda.synchronize(self.device)  # the copies are done before vLLM reads them
 
 
+def vllm_parameters(vmodel) -> dict[str, torch.Tensor]:
+    """vLLM's parameters by HF name: with enable_lora, vLLM wraps each linear (and the
+    embedding) and its weight is `<name>.base_layer.weight`; the base is the same tensor."""
+    return {n.replace(BASE_LAYER, ""): p for n, p in vmodel.named_parameters()}
+
+
 def bind(llm, vmodel, learner, weight_sync: str, dtype: torch.dtype,
          device: torch.device) -> WeightSync:
     """Map each learner parameter to its vLLM tensor and set up `weight_sync` (resolved:
     "shared" | "reload"). vmodel: vLLM's model (its runner's `.model`); learner: a tao_fast
     Transformer. Shared on the CPU backend unpacks vLLM's packed linears first."""
-    vparams = dict(vmodel.named_parameters())
-    named = dict(learner.named_parameters())
+    vparams = vllm_parameters(vmodel)
+    named = {n: p for n, p in learner.named_parameters() if not is_adapter(n)}  # the base
     missing = [n for n in named if hf_name(n) not in vparams]
     if missing:
         raise RuntimeError(f"vLLM's {type(vmodel).__name__} has no parameter for "
@@ -118,7 +126,7 @@ def bind(llm, vmodel, learner, weight_sync: str, dtype: torch.dtype,
         return ReloadSync(llm, vmodel, learner.args, dtype, device.type == "cpu")
     if device.type == "cpu":
         unpack_cpu_linears(vmodel, named, dtype)
-        vparams = dict(vmodel.named_parameters())
+        vparams = vllm_parameters(vmodel)
     targets, aliased = _shared_targets(vparams, named)
     return SharedSync(targets, aliased, device)
 
@@ -153,10 +161,12 @@ def unpack_cpu_linears(vmodel, named: dict, dtype: torch.dtype) -> None:
 
     by_vllm = {hf_name(n): p for n, p in named.items()}
     for name, mod in vmodel.named_modules():
+        name = name.replace(BASE_LAYER, "")  # enable_lora's wrapped linear: its base layer
         # vLLM 0.32's CPU backend marks the layers it packed with `cpu_linear` (the GEMM it
-        # calls) and keeps `weight` as a Parameter, emptied when the packed copy replaced it
-        if not hasattr(mod, "cpu_linear") or not isinstance(getattr(mod, "weight", None),
-                                                             torch.Tensor):
+        # calls) and keeps `weight` as a Parameter, emptied when the packed copy replaced it.
+        # A LoRA wrapper shows its base layer's `weight` and `cpu_linear` without owning them:
+        # only the layer whose Parameter it is gets unpacked
+        if not hasattr(mod, "cpu_linear") or mod._parameters.get("weight") is None:
             continue
         if mod.weight.numel() == 0:
             src = by_vllm.get(name + ".weight", by_vllm.get(_EMBED) if name == "lm_head"
