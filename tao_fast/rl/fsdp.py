@@ -122,7 +122,10 @@ def choose_parallel(mode: str, model: Transformer, micro_batch_tokens: int,
     from tao_fast.rl.memory import Shape, learner_bytes
 
     p = next(model.parameters())
+    lo = model.lora_config  # LoRA: the frozen base in its dtype, fp32 adapters
     need = learner_bytes(Shape.from_args(model.args), micro_batch_tokens,
                          master_bytes=p.element_size(), act_bytes=min(p.element_size(), 2),
-                         checkpointing=bool(model.gradient_checkpointing))
+                         checkpointing=bool(model.gradient_checkpointing),
+                         lora_rank=lo.rank if lo else 0, base_bytes=p.element_size(),
+                         lora_targets=lo.targets if lo else "all-linear")
     return "ddp" if need["peak"] <= 0.85 * device_bytes else "fsdp"

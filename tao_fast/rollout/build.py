@@ -22,13 +22,19 @@ def build_engine(ro: RolloutConfig, model, tokenizer, *, model_dir: str | Path,
     """The rollout engine for `model` (the learner's tao_fast Transformer, whole weights).
 
     vLLM in-process (VllmEngine on model_dir, seeded with `seed`) when rollout.engine=vllm, or
-    auto with a supported vLLM installed (see tao_fast/rollout/vllm/ for its weight-sync and
-    sleep paths); else the torch engine, which shares the learner's tensors when rollout.dtype
+    auto with a supported vLLM installed, but for a LoRA model on the CPU (see
+    tao_fast/rollout/vllm/ for its weight-sync and sleep paths); else the torch engine, which shares the learner's tensors when rollout.dtype
     is the model's, or keeps a copy in rollout.dtype that each sync casts into in place.
     rollout.engine=vllm without a usable vLLM, or rollout.tensor_parallel > 1 without vLLM,
     is a ConfigError naming the key."""
     why = ""
-    if ro.engine in ("auto", "vllm"):  # auto: vLLM whenever it is installed and supported
+    if ro.engine == "auto" and model.lora_config is not None and \
+            model.embed_tokens.weight.device.type == "cpu":
+        # vLLM's CPU LoRA ops (torch_ops.bgmv_*) gather every token's adapter weights before an
+        # einsum: LORA_CPU_MEASURED. The torch engine applies the adapter itself
+        _log("[tao-fast] rollout engine: torch (model.lora on the CPU, where vLLM's LoRA "
+             "kernels are slow; rollout.engine=vllm forces it)")
+    elif ro.engine in ("auto", "vllm"):  # auto: vLLM whenever it is installed and supported
         ok, why = compat.vllm_status()
         if ok:
             try:

@@ -64,6 +64,177 @@ def test_memory_command_prints_the_tables():
     assert "| **total** |" in out.stdout and "Colocation saves" in out.stdout
 
 
+
+# ---- LoRA (model.lora): a frozen bf16 base, fp32 adapters -------------------------------------
+
+TINY = Shape(vocab=96, hidden=32, inter=48, layers=3, heads=4, kv_heads=2, head_dim=8, tied=False)
+
+
+def test_lora_params_by_hand():
+    # per layer, in + out: q 32+32, k 32+16, v 32+16, o 32+32, gate 32+48, up 32+48, down 48+32
+    assert 64 + 48 + 48 + 64 + 80 + 80 + 80 == 464
+    assert memory.lora_params(TINY, 4) == 3 * 4 * 464 == 5568
+    assert memory.lora_params(TINY, 4, ("q_proj", "v_proj")) == 3 * 4 * (64 + 48) == 1344
+    assert memory.lora_params(TINY, 4, "v_proj, q_proj") == 1344  # PEFT's comma list
+    assert memory.lora_params(TINY, 4, "all-linear") == 5568
+    assert memory.lora_params(TINY, 0) == 0
+    # llama-3-8b, rank 16: 16 * 32 * (8192 + 5120 + 5120 + 8192 + 3 * 18432) = 41.9M
+    assert memory.lora_params(Shape.from_hf(KNOWN["llama-3-8b"]), 16) == 41_943_040
+    with pytest.raises(ValueError, match="target_modules"):
+        memory.lora_target_names("q_proj,qkv_proj")
+
+
+def test_lora_params_match_the_lora_model():
+    lora = pytest.importorskip("tao_fast.models.lora")
+    from tao_fast.config import LoraConfig
+
+    args = ModelArgs(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=3,
+                     num_heads=4, num_kv_heads=2)
+    assert Shape.from_args(args) == TINY
+    for targets in ("all-linear", "q_proj,v_proj", "k_proj,up_proj,down_proj"):
+        m = lora.apply_lora(Transformer(args), LoraConfig(rank=4, target_modules=targets),
+                            torch.float32)
+        trained = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        assert trained == memory.lora_params(TINY, 4, targets), targets
+
+
+def _saved_bytes_per_token_layer(model, tokens_per_seq=32, seqs=4):
+    """Bytes autograd saves in the decoder layers' forward (model parameters excluded, each
+    storage once) per token and layer."""
+    from tao_fast.rl.packing import make_packed_batch
+
+    b = make_packed_batch([list(range(1, tokens_per_seq + 1))] * seqs)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    x = model.embed_tokens(b.input_ids).detach().requires_grad_(True)
+    cos, sin = model.rotary(b.positions)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for blk in model.layers:
+            x = model._block(blk, x, cos, sin, b.cu_seqlens, b.max_seqlen)
+    return sum(seen.values()) / (tokens_per_seq * seqs * len(model.layers))
+
+
+@pytest.mark.parametrize("rank,targets,dtype", [
+    (8, "all-linear", torch.bfloat16), (16, "all-linear", torch.bfloat16),
+    (8, "q_proj,v_proj", torch.bfloat16), (4, "down_proj", torch.bfloat16),
+    (8, "all-linear", torch.float32)])
+def test_lora_activation_delta_matches_saved_tensors(rank, targets, dtype):
+    """What LoRA changes in the saved activations, against saved_tensors_hooks: the frozen
+    linears and norms keep no inputs, the adapted linears keep an fp32 copy of theirs (an
+    fp32 base: the input itself), the adapters keep x @ A^T."""
+    lora = pytest.importorskip("tao_fast.models.lora")
+    from tao_fast.config import LoraConfig
+
+    args = ModelArgs(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2,
+                     num_heads=4, num_kv_heads=2)
+    torch.manual_seed(0)
+    plain = Transformer(args).to(dtype)
+    adapted = lora.apply_lora(Transformer(args), LoraConfig(rank=rank, target_modules=targets),
+                              dtype)
+    for m in (plain, adapted):
+        m.ops_backend = "torch"
+    delta = _saved_bytes_per_token_layer(adapted) - _saved_bytes_per_token_layer(plain)
+    s, nbytes = Shape.from_args(args), dtype.itemsize
+    assert delta == memory.lora_activation_delta(s, rank, targets, nbytes)
+    assert memory.activation_bytes(s, 128, nbytes, lora_rank=rank, lora_targets=targets) == (
+        memory.activation_bytes(s, 128, nbytes) + 2 * 128 * delta)
+
+
+def test_lora_rank_0_is_todays_full_weight_accounting():
+    s8, s70 = Shape.from_hf(KNOWN["llama-3-8b"]), Shape.from_hf(KNOWN["llama-3-70b"])
+    kw = dict(shards=8, master_bytes=4, act_bytes=2, checkpointing=True, micro_batches=2)
+    full = memory.learner_bytes(s8, 8192, **kw)
+    assert memory.learner_bytes(s8, 8192, lora_rank=0, lora_targets=("q_proj",), **kw) == full
+    assert full["peak"] == 23_396_360_192  # the numbers before LoRA was added
+    assert memory.learner_bytes(s70, 8192, **kw)["peak"] == 160_053_084_160
+    assert memory.activation_bytes(s8, 8192, 2, True, lora_rank=0) == \
+        memory.activation_bytes(s8, 8192, 2, True)
+    before = {("llama-3-8b", 1): (True, True, 1, 24_268_808_192, 480_399),
+              ("llama-3-8b", 8): (True, False, 1, 40_329_330_688, 388_500),
+              ("llama-3-70b", 2): (False, True, 2, 92_921_995_264, 51_719),
+              ("llama-3-70b", 8): (True, True, 4, 57_645_142_016, 534_064)}
+    for (name, gpus), want in before.items():
+        r = memory.layout(Shape.from_hf(KNOWN[name]), gpus, 80, lora_rank=0)
+        assert (r["fits"], r["cpu_offload"], r["vllm_tp"], r["train_total"],
+                r["kv_tokens_per_engine"]) == want, (name, gpus)
+        assert r["lora"] is None
+
+
+def test_lora_learner_bytes():
+    s = Shape.from_hf(KNOWN["llama-3-8b"])
+    a, P = memory.lora_params(s, 16), s.params()
+    r = memory.learner_bytes(s, 8192, shards=4, checkpointing=True, lora_rank=16)
+    assert r["weights"] == P * 2 / 4  # the frozen bf16 base, sharded
+    assert (r["adapter"], r["grads"], r["adamw"]) == (4 * a, 4 * a, 8 * a)  # replicated
+    assert r["activations"] == memory.activation_bytes(s, 8192, 2, True, lora_rank=16)
+    assert r["backward_transients"] == (memory.backward_transient_bytes(s, 8192, 2)
+                                        + 4 * 8192 * s.inter)  # + down_proj's fp32 input grad
+    # forward/backward holds everything at once (the adapter's gradients are all small)
+    assert r["peak"] == r["sum"]
+    full = memory.learner_bytes(s, 8192, shards=4, act_bytes=2, checkpointing=True)
+    assert r["peak"] < full["peak"] / 2.5  # 11.9 vs 31.9 GiB
+
+
+def test_8b_lora_fits_on_one_80gb_gpu_full_weight_only_offloaded():
+    s = Shape.from_hf(KNOWN["llama-3-8b"])
+    lo = memory.layout(s, 1, 80, lora_rank=16)
+    assert lo["fits"] and not lo["cpu_offload"] and lo["vllm_tp"] == 1
+    assert lo["train"]["frozen base = rollout weights (bf16, shared)"] == s.params() * 2
+    assert lo["train"]["LoRA adapter (fp32)"] == 4 * 41_943_040
+    assert "FSDP gather buffers" not in lo["train"]  # one rank: nothing sharded
+    assert lo["kv_seqs_per_engine"] >= 64 and lo["train_total"] < 24 * GiB
+    # full-weight on one GPU fits only with master/grads/AdamW in host memory (~120 GiB)
+    full = memory.layout(s, 1, 80)
+    assert full["fits"] and full["cpu_offload"]
+    assert full["host_bytes_per_gpu"] == pytest.approx(16 * s.params())
+    assert not memory.layout(s, 1, 80, cpu_offload=False)["fits"]
+
+
+def test_70b_lora_on_2_and_8_gpus():
+    s = Shape.from_hf(KNOWN["llama-3-70b"])
+    P = s.params()
+    assert not memory.layout(s, 1, 80, lora_rank=16)["fits"]  # 131 GiB of bf16 base
+    # two GPUs: vLLM's TP=2 copy is 66 GiB a GPU, not enough left for 64 sequences of KV
+    # cache even with the base shard in host memory
+    r2 = memory.layout(s, 2, 80, lora_rank=16)
+    assert not r2["fits"] and r2["kv_seqs_per_engine"] < 64
+    r8 = memory.layout(s, 8, 80, lora_rank=16)
+    assert r8["fits"] and not r8["cpu_offload"] and r8["vllm_tp"] == 8
+    assert r8["train"]["frozen base shard (bf16, FSDP2)"] == P * 2 / 8  # counted next to
+    assert r8["train"]["rollout weights (bf16, vLLM's TP copy)"] == P * 2 / 8  # vLLM's
+    assert r8["colocation_saves"]["second bf16 weight copy"] == 0
+    for phase in ("train_total", "generate_total"):
+        assert r8[phase] <= 80 * GiB * r8["util"] + 1
+    assert r8["kv_seqs_per_engine"] >= 64
+    # full-weight 70B on 8 GPUs needs CPU offload; LoRA does not
+    assert memory.layout(s, 8, 80)["cpu_offload"]
+
+
+def test_memory_command_prints_a_lora_plan(capsys):
+    rc = memory.main(["--model", "llama-3-8b", "--gpus", "1", "--gpu-gb", "80",
+                      "--lora-rank", "16"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "**LoRA plan**: rank 16 on all-linear: 41.9M adapter params" in out
+    assert "fits with these settings" in out and "| LoRA adapter (fp32) |" in out
+    assert "| frozen base = rollout weights (bf16, shared) |   15.0 |" in out
+    rc = memory.main(["--model", "llama-3-70b", "--gpus", "2", "--lora-rank", "8",
+                      "--lora-targets", "q_proj,v_proj", "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert rc == 1 and not r["fits"]
+    assert r["lora"]["targets"] == ["q_proj", "v_proj"]
+    assert r["lora"]["adapter_params"] == memory.lora_params(
+        Shape.from_hf(KNOWN["llama-3-70b"]), 8, "q_proj,v_proj")
+    with pytest.raises(SystemExit):
+        memory.main(["--model", "llama-3-8b", "--lora-rank", "8", "--lora-targets", "qkv"])
+
 MEASURE = r"""
 import json, sys
 import torch

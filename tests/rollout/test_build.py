@@ -88,3 +88,18 @@ def test_tensor_parallel_without_vllm_is_a_config_error(tiny, monkeypatch):
     _no_vllm(monkeypatch)
     with pytest.raises(ConfigError, match=r"rollout.engine=auto: vLLM is not installed"):
         _build(RolloutConfig(engine="auto", tensor_parallel=2), tiny)
+
+
+def test_auto_gives_a_lora_model_on_the_cpu_the_torch_engine(tiny_model, monkeypatch, capsys):
+    """rollout.engine=auto, a LoRA learner on the CPU: the torch engine (vLLM's CPU LoRA ops are
+    slow, bench/RESULTS.md), on the learner's own tensors, vLLM never looked at."""
+    from tao_fast.config import LoraConfig, ModelConfig
+
+    def never(*a, **k):
+        raise AssertionError("auto with LoRA on the CPU must not start vLLM")
+
+    monkeypatch.setattr(compat, "vllm_status", never)
+    model, tok, path = load_model(ModelConfig(path=str(tiny_model), lora=LoraConfig(rank=2)))
+    eng = build_engine(RolloutConfig(engine="auto"), model, tok, model_dir=path, seed=0)
+    assert isinstance(eng, TorchEngine) and eng.model is model
+    assert "model.lora on the CPU" in capsys.readouterr().err
