@@ -62,7 +62,7 @@ class LoraLinear(nn.Linear):
         for p, n, on in zip(parts, rows, self.targeted):
             if on:
                 a = torch.empty(cfg.rank, self.in_features, device=dev)
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's init: B = 0, so y is the base's
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's init; B = 0: the base's y
                 self.lora_A[p] = nn.Parameter(a)
                 self.lora_B[p] = nn.Parameter(torch.zeros(n, cfg.rank, device=dev))
 

@@ -23,8 +23,9 @@ def build_engine(ro: RolloutConfig, model, tokenizer, *, model_dir: str | Path,
 
     vLLM in-process (VllmEngine on model_dir, seeded with `seed`) when rollout.engine=vllm, or
     auto with a supported vLLM installed, but for a LoRA model on the CPU (see
-    tao_fast/rollout/vllm/ for its weight-sync and sleep paths); else the torch engine, which shares the learner's tensors when rollout.dtype
-    is the model's, or keeps a copy in rollout.dtype that each sync casts into in place.
+    tao_fast/rollout/vllm/ for its weight-sync and sleep paths); else the torch engine, which
+    shares the learner's tensors when rollout.dtype is the model's, or keeps a copy in
+    rollout.dtype that each sync casts into in place.
     rollout.engine=vllm without a usable vLLM, or rollout.tensor_parallel > 1 without vLLM,
     is a ConfigError naming the key."""
     why = ""

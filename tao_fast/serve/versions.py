@@ -3,19 +3,19 @@
 A RUN_DIR (config.yaml and/or checkpoint-roundN dirs, as `tao-fast tune` writes them) means its
 newest complete round: the checkpoint-roundN with the largest N that has config.json and its
 safetensors (every file its index names), or a LoRA run's adapter (adapter_config.json and
-adapter_model.safetensors: served as its base with the adapter); tune writes each one under a temporary name and
-renames it into place, so a half-written one is not seen, but a directory copied in by hand
-is checked anyway. A RUN_DIR with no complete round yet serves its config.yaml's model.path
-(version "base") until round 1 appears.
+adapter_model.safetensors: served as its base with the adapter); tune writes each one under a
+temporary name and renames it into place, so a half-written one is not seen, but a directory
+copied in by hand is checked anyway. A RUN_DIR with no complete round yet serves its
+config.yaml's model.path (version "base") until round 1 appears.
 
-RoundWatcher polls the RUN_DIR every poll_s; when a newer complete round appears it loads a
-new backend for it in its own thread (the old one keeps serving meanwhile; both are in memory
-for that time) and ModelSwitcher.switch() makes it current: new requests go to it, requests
-in flight finish on the old one, which is closed once the last of them is done (reference
-count). The version string is the round's directory name; the fingerprint adds a short hash
-of config.json and of each weights file's size and first and last MiB (cheap: no full read of
-the weights; a cheap fingerprint, not a content hash). The time from the checkpoint appearing
-(its newest file's mtime) to the first answer it served is printed and kept for /health.
+RoundWatcher polls the RUN_DIR every poll_s; when a newer complete round appears it loads a new
+backend for it in its own thread (the old one keeps serving meanwhile; both are in memory for
+that time) and ModelSwitcher.switch() makes it current: new requests go to it, requests in
+flight finish on the old one, which is closed once the last of them is done (reference count).
+The version string is the round's directory name; the fingerprint adds a short hash of
+config.json (a LoRA round's adapter_config.json) and of each weights file's size and first
+and last MiB (cheap: no full read of the weights; a cheap fingerprint, not a content hash). The time from the checkpoint appearing (its
+newest file's mtime) to the first answer it served is printed and kept for /health.
 """
 from __future__ import annotations
 

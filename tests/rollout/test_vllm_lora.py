@@ -9,7 +9,8 @@ import torch
 pytest.importorskip("vllm")
 
 from tao_fast import ops  # noqa: E402
-from tao_fast.config import ConfigError, LoraConfig, ModelConfig, RolloutConfig, load_config  # noqa: E402
+from tao_fast.config import (ConfigError, LoraConfig, ModelConfig, RolloutConfig,  # noqa: E402
+                             load_config)
 from tao_fast.data import PromptRecord  # noqa: E402
 from tao_fast.data.prompts import encode_prompt  # noqa: E402
 from tao_fast.models import load_model, lora  # noqa: E402

@@ -10,8 +10,10 @@ the learner and the two can share weight memory. Per round:
     load_weights (bring the new weights into vLLM, reset its prefix cache)
     wake     (the KV cache comes back)
 
-The weight-sync paths (alias / cast / reload, `engine.sync_path`) are in weights.py; the sleep
-paths (`engine.sleep_path`: cuda-kv-cache / cpu-kv-free / none) in kv.py. Under torchrun
+The weight-sync paths (alias / cast / reload, `engine.sync_path`) are in weights.py; a LoRA
+learner's (model.lora: vLLM with enable_lora, the base bound once, then only the adapter:
+lora-memory / lora-disk) in adapter.py; the sleep paths (`engine.sleep_path`: cuda-kv-cache /
+cpu-kv-free / none) in kv.py. Under torchrun
 (tao_fast.rl.distributed active) the engine uses vLLM's external launcher: each rank is one vLLM
 worker in torchrun's process group. `rollout.tensor_parallel` ranks make one engine (TP shards;
 they must get the same prompts, see rl/rollout_shards.generate_and_score) and the world /
