@@ -22,6 +22,7 @@ adapter's bytes in bf16 (what goes into vLLM's LoRA slots) vs the whole model's.
 from __future__ import annotations
 
 import argparse
+import copy
 import random
 import statistics
 import sys
@@ -52,17 +53,11 @@ def build(shape: dict, device, rank: int, backend: str, seed: int = 0):
         for p in full.parameters():
             p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
     full = full.to(torch.bfloat16)
-    adapted = lora.apply_lora(_clone(full), LoraConfig(rank=rank, alpha=2 * rank),
+    adapted = lora.apply_lora(copy.deepcopy(full), LoraConfig(rank=rank, alpha=2 * rank),
                               torch.bfloat16)
     for m in (full, adapted):
         m.ops_backend = backend
     return full, adapted
-
-
-def _clone(model):
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def logprobs(model, seqs, device):
@@ -88,9 +83,9 @@ def check(res, adapted, lens, device, backend) -> bool:
                 p.copy_(torch.randn(p.shape, generator=g).to(p.device) * 0.02)
     vocab = adapted.args.vocab_size
     seqs = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lens]
-    oracle = lora.merge_adapters(_clone(adapted)).double()
+    oracle = lora.merge_adapters(copy.deepcopy(adapted)).double()
     oracle.ops_backend = "torch"
-    bf16 = _clone(oracle).to(torch.bfloat16)
+    bf16 = copy.deepcopy(oracle).to(torch.bfloat16)
     want = logprobs(oracle, seqs, device)
     err = (logprobs(adapted, seqs, device).double() - want).abs()
     base = (logprobs(bf16, seqs, device).double() - want).abs()

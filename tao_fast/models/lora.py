@@ -170,12 +170,6 @@ def peft_name(name: str) -> str:
     return PEFT_PREFIX + hf_name(f"{owner}.{part}.{which}.weight")
 
 
-def from_peft_name(name: str, model: nn.Module) -> str:
-    """PEFT's adapter tensor name -> this model's parameter name (a KeyError if none)."""
-    names = {peft_name(n): n for n, _ in adapter_parameters(model)}
-    return names[name]
-
-
 def peft_tensors(named_adapters, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """(this model's adapter name, tensor) pairs -> {PEFT name: a copy, contiguous, in `dtype`
     (default its own)}. Copies: vLLM scales a loaded B by alpha / r in place."""
@@ -183,9 +177,10 @@ def peft_tensors(named_adapters, dtype: torch.dtype | None = None) -> dict[str, 
             for n, t in named_adapters}
 
 
-def peft_config(cfg: LoraConfig, base_model: str, modules: set[str]) -> dict:
-    """adapter_config.json: what peft (PeftModel.from_pretrained) and vLLM's --enable-lora read.
-    modules: the PEFT module names that carry an adapter."""
+def peft_config(cfg: LoraConfig, base_model: str, tensors: dict[str, torch.Tensor]) -> dict:
+    """adapter_config.json: what peft (PeftModel.from_pretrained) and vLLM's --enable-lora read,
+    for the PEFT-named adapter `tensors` (peft_tensors): their modules are its target_modules."""
+    modules = {n.rsplit(".", 3)[1] for n in tensors}  # ...<module>.lora_A.weight
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank,
             "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "bias": "none",
             "target_modules": sorted(modules), "fan_in_fan_out": False,
@@ -198,9 +193,8 @@ def save_adapter(model: nn.Module, out: Path, base_model: str) -> None:
     from safetensors.torch import save_file
 
     tensors = peft_tensors(adapter_parameters(model))
-    modules = {n.rsplit(".", 3)[1] for n in tensors}  # ...<module>.lora_A.weight
     (out / ADAPTER_CONFIG).write_text(json.dumps(
-        peft_config(model.lora_config, base_model, modules), indent=2))
+        peft_config(model.lora_config, base_model, tensors), indent=2))
     save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 

@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tao_fast.models.lora import ADAPTER_CONFIG
-from tao_fast.rollout.vllm.adapter import VLLM_RANKS
+from tao_fast.rollout.vllm.adapter import max_lora_rank
 
 ENTRY = "vllm.entrypoints.launchers.api_server.entry"  # vLLM 0.32's `vllm serve` server
 TAIL_LINES = 40  # how much of the child's log a failure quotes
@@ -198,7 +198,7 @@ class VllmServer:
         if self.adapter is not None:  # vLLM serves the base and the adapter by our name
             base, rank = Path(self.adapter["base_model_name_or_path"]), int(self.adapter["r"])
             lora_args = ["--served-model-name", f"{self.served_name}-base", "--enable-lora",
-                         "--max-lora-rank", str(min(r for r in VLLM_RANKS if r >= rank)),
+                         "--max-lora-rank", str(max_lora_rank(rank)),
                          "--lora-modules", f"{self.served_name}={self.model_dir}"]
         args = ["--model", str(base), *(lora_args or ["--served-model-name", self.served_name]),
                 "--host", self.host, "--port", str(self.port),

@@ -28,14 +28,20 @@ VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 ADAPTER_ID = 1
 
 
+def max_lora_rank(rank: int) -> int:
+    """The smallest of vLLM's max_lora_rank choices that holds an adapter of `rank`."""
+    fits = [r for r in VLLM_RANKS if r >= rank]
+    if not fits:
+        raise ConfigError(f"model.lora.rank={rank}: vLLM serves adapters up to rank "
+                          f"{VLLM_RANKS[-1]}; use rollout.engine=torch or a smaller rank")
+    return fits[0]
+
+
 def vllm_lora_kwargs(cfg: LoraConfig) -> dict:
     """vllm.LLM's LoRA arguments for an adapter of cfg.rank: one adapter, the smallest
     max_lora_rank that holds it."""
-    fits = [r for r in VLLM_RANKS if r >= cfg.rank]
-    if not fits:
-        raise ConfigError(f"model.lora.rank={cfg.rank}: vLLM serves adapters up to rank "
-                          f"{VLLM_RANKS[-1]}; use rollout.engine=torch or a smaller rank")
-    return dict(enable_lora=True, max_lora_rank=fits[0], max_loras=1, max_cpu_loras=1)
+    return dict(enable_lora=True, max_lora_rank=max_lora_rank(cfg.rank), max_loras=1,
+                max_cpu_loras=1)
 
 
 class AdapterSync:
@@ -65,8 +71,7 @@ class AdapterSync:
         self._via_disk(tensors)
 
     def _config(self, tensors: dict) -> dict:
-        modules = {n.rsplit(".", 3)[1] for n in tensors}
-        return lora.peft_config(self.cfg, self.base_model, modules)
+        return lora.peft_config(self.cfg, self.base_model, tensors)
 
     def _in_memory(self, tensors: dict[str, torch.Tensor]) -> None:
         """vLLM 0.32: LoRAModel.from_lora_tensors, then the worker's adapter manager swaps it
