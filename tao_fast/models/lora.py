@@ -228,6 +228,12 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
+def is_adapter_dir(d: Path) -> bool:
+    """A PEFT LoRA directory (what a model.lora run's rounds write): adapter_config.json and no
+    config.json; load_model and the vLLM server take it with its base."""
+    return (d / ADAPTER_CONFIG).is_file() and not (d / "config.json").exists()
+
+
 def read_adapter(path: Path) -> tuple[LoraConfig, dict[str, torch.Tensor], str]:
     """A PEFT LoRA directory -> (its LoraConfig, {PEFT name: tensor}, base_model_name_or_path).
     What this model cannot apply (another PEFT type, DoRA, bias, per-module ranks) is a

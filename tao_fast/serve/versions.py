@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tao_fast.config import ConfigError
-from tao_fast.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from tao_fast.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_dir
 
 ROUND = re.compile(r"^checkpoint-round(\d+)$")
 HASHED_BYTES = 1 << 20  # per end of each weights file, for the fingerprint
@@ -50,18 +50,11 @@ class Version:
     appeared_at: float = 0.0  # wall time its files were last written (0: unknown)
 
 
-def is_adapter_dir(d: Path) -> bool:
-    """A PEFT LoRA checkpoint (what a model.lora run's rounds write): adapter_config.json and
-    its weights, no config.json; load_model and the vLLM server take it with its base."""
-    return ((d / ADAPTER_CONFIG).is_file() and (d / ADAPTER_WEIGHTS).is_file()
-            and not (d / "config.json").exists())
-
-
 def is_complete(d: Path) -> bool:
     """config.json and the safetensors weights (every file the index names) are there, or a
-    whole LoRA adapter (is_adapter_dir)."""
+    whole LoRA adapter (lora.is_adapter_dir, with its weights)."""
     if is_adapter_dir(d):
-        return True
+        return (d / ADAPTER_WEIGHTS).is_file()
     if not (d / "config.json").is_file():
         return False
     index = d / "model.safetensors.index.json"

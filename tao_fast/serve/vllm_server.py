@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tao_fast.models.lora import ADAPTER_CONFIG
+from tao_fast.models.lora import ADAPTER_CONFIG, is_adapter_dir
 from tao_fast.rollout.vllm.adapter import max_lora_rank
 
 ENTRY = "vllm.entrypoints.launchers.api_server.entry"  # vLLM 0.32's `vllm serve` server
@@ -166,8 +166,7 @@ class VllmServer:
         self.model_dir = Path(model_dir)
         # a LoRA adapter directory (adapter_config.json, no config.json): its config
         self.adapter = (json.loads((self.model_dir / ADAPTER_CONFIG).read_text())
-                        if (self.model_dir / ADAPTER_CONFIG).is_file()
-                        and not (self.model_dir / "config.json").exists() else None)
+                        if is_adapter_dir(self.model_dir) else None)
         self.served_name, self.host, self.max_model_len = served_name, host, max_model_len
         self._fixed_port, self.port = port, port
         self.kv_cache_gb, self.extra_args, self.dtype = kv_cache_gb, tuple(extra_args), dtype
