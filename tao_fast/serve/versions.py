@@ -13,9 +13,10 @@ backend for it in its own thread (the old one keeps serving meanwhile; both are 
 that time) and ModelSwitcher.switch() makes it current: new requests go to it, requests in
 flight finish on the old one, which is closed once the last of them is done (reference count).
 The version string is the round's directory name; the fingerprint adds a short hash of
-config.json (a LoRA round's adapter_config.json) and of each weights file's size and first
-and last MiB (cheap: no full read of the weights; a cheap fingerprint, not a content hash). The time from the checkpoint appearing (its
-newest file's mtime) to the first answer it served is printed and kept for /health.
+config.json (a LoRA round's adapter_config.json) and of each weights file's size and first and
+last MiB (cheap: no full read of the weights; a cheap fingerprint, not a content hash). The
+time from the checkpoint appearing (its newest file's mtime) to the first answer it served is
+printed and kept for /health.
 """
 from __future__ import annotations
 
